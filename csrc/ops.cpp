@@ -1,0 +1,20 @@
+// Schemas of the flextron torch ops. Kernels are registered per backend in cpu/ and cuda/;
+// fake (meta) kernels and autograd live in python/flextron/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(flextron, m) {
+  // Stable counting sort of tokens by width choice (group 0 = widest first).
+  // Returns perm (int64 [T]: sorted position -> token) and offsets (int32 [G+1]).
+  m.def("route_plan(Tensor choice, int num_groups) -> (Tensor perm, Tensor offsets)");
+  // out[i] = x[perm[i]]
+  m.def("permute(Tensor x, Tensor perm) -> Tensor");
+  // out[perm[i]] = y[i] * scale[perm[i]]   (scale is per token, in original order)
+  m.def("unpermute(Tensor y, Tensor perm, Tensor? scale=None) -> Tensor");
+  // Rows of group g: y[:, :d_g] = x @ weight[:d_g].T, y[:, d_g:] = 0.
+  m.def("nested_linear_n(Tensor x, Tensor weight, Tensor offsets, Tensor widths) -> Tensor");
+  // Rows of group g: y = x[:, :d_g] @ weight[:, :d_g].T.
+  m.def("nested_linear_k(Tensor x, Tensor weight, Tensor offsets, Tensor widths) -> Tensor");
+  // Staircase weight gradient of nested_linear_n: out[Nmax, K], row band [d_{g+1}, d_g) is
+  // grad_out[:P_g, band].T @ x[:P_g] with P_g = offsets[g+1]; rows >= d_0 are zero.
+  m.def("nested_weight_grad(Tensor grad_out, Tensor x, Tensor offsets, Tensor widths) -> Tensor");
+}

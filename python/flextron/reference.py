@@ -1,0 +1,132 @@
+"""Pure-PyTorch versions of every flextron op: the oracle for tests and the baseline for
+benchmarks. Written for clarity, not speed; never used on the library's hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _widths_list(widths: Sequence[int] | Tensor) -> list[int]:
+    return [int(w) for w in (widths.tolist() if isinstance(widths, Tensor) else widths)]
+
+
+def _bounds(offsets: Tensor) -> list[int]:
+    return [int(o) for o in offsets.cpu().tolist()]
+
+
+def route_plan(choice: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """perm (int64 [T]) and offsets (int32 [G+1]) of a stable sort by choice."""
+    if choice.numel() and (int(choice.min()) < 0 or int(choice.max()) >= num_groups):
+        raise ValueError(f"choice values must be in [0, {num_groups})")
+    perm = torch.sort(choice.long(), stable=True).indices
+    counts = torch.bincount(choice.long(), minlength=num_groups)
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int32, device=choice.device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return perm, offsets
+
+
+def permute(x: Tensor, perm: Tensor) -> Tensor:
+    return x[perm]
+
+
+def unpermute(y: Tensor, perm: Tensor, scale: Tensor | None = None) -> Tensor:
+    out = torch.zeros_like(y)
+    out[perm] = y
+    if scale is not None:
+        out = out * scale.reshape((-1,) + (1,) * (y.dim() - 1))
+    return out
+
+
+def nested_linear_n(x: Tensor, weight: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor) -> Tensor:
+    out = x.new_zeros(x.shape[0], weight.shape[0])
+    bounds = _bounds(offsets)
+    for g, d in enumerate(_widths_list(widths)):
+        start, end = bounds[g], bounds[g + 1]
+        out[start:end, :d] = x[start:end] @ weight[:d].T
+    return out
+
+
+def nested_linear_k(x: Tensor, weight: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor) -> Tensor:
+    out = x.new_zeros(x.shape[0], weight.shape[0])
+    bounds = _bounds(offsets)
+    for g, d in enumerate(_widths_list(widths)):
+        start, end = bounds[g], bounds[g + 1]
+        out[start:end] = x[start:end, :d] @ weight[:, :d].T
+    return out
+
+
+def nested_weight_grad(
+    grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor
+) -> Tensor:
+    """Per-group accumulation ``dw[:d_g] += grad_out_g[:, :d_g].T @ x_g`` (fp32 accumulate)."""
+    acc = torch.zeros(grad_out.shape[1], x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    bounds = _bounds(offsets)
+    for g, d in enumerate(_widths_list(widths)):
+        start, end = bounds[g], bounds[g + 1]
+        acc[:d] += grad_out[start:end, :d].to(acc.dtype).T @ x[start:end].to(acc.dtype)
+    return acc.to(x.dtype)
+
+
+def _activate(h: Tensor, gate: Tensor | None, activation: str) -> Tensor:
+    if activation == "swiglu":
+        return torch.nn.functional.silu(gate) * h
+    if activation == "gelu":
+        return torch.nn.functional.gelu(h)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(h, approximate="tanh")
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def elastic_mlp(
+    x: Tensor,
+    choice: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    widths: Sequence[int] | Tensor,
+    activation: str = "swiglu",
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """Each token runs the dense MLP sliced to its width; no routing machinery."""
+    hidden = x.shape[-1]
+    tokens = x.reshape(-1, hidden)
+    out = torch.zeros_like(tokens)
+    for g, d in enumerate(_widths_list(widths)):
+        rows = (choice == g).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        xg = tokens[rows]
+        h = xg @ w_up[:d].T
+        if b_up is not None:
+            h = h + b_up[:d]
+        gate = xg @ w_gate[:d].T if w_gate is not None else None
+        y = _activate(h, gate, activation) @ w_down[:, :d].T
+        if b_down is not None:
+            y = y + b_down
+        out = out.index_copy(0, rows, y)
+    if scale is not None:
+        out = out * scale[:, None]
+    return out.reshape(x.shape)
+
+
+def dense_mlp(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    activation: str = "swiglu",
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+) -> Tensor:
+    """The full-width MLP (the dense baseline)."""
+    h = x @ w_up.T
+    if b_up is not None:
+        h = h + b_up
+    gate = x @ w_gate.T if w_gate is not None else None
+    y = _activate(h, gate, activation) @ w_down.T
+    return y + b_down if b_down is not None else y
