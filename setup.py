@@ -48,17 +48,26 @@ def _find_nvcc() -> str | None:
 def _cuda_build_settings() -> tuple[bool, str | None, str]:
     """Decide whether to build CUDA kernels: torch must have CUDA and nvcc must exist."""
     archs = os.environ.get("FLEXTRON_CUDA_ARCHS", "90a;80").replace(",", ";")
+    required = os.environ.get("FLEXTRON_REQUIRE_CUDA", "0") not in ("", "0")
     if os.environ.get("FLEXTRON_CPU_ONLY", "0") not in ("", "0"):
+        if required:
+            _fail("FLEXTRON_CPU_ONLY=1 and FLEXTRON_REQUIRE_CUDA=1 contradict each other")
+        print("flextron: FLEXTRON_CPU_ONLY=1; building the CPU kernels only")
         return False, None, archs
     import torch
 
-    if torch.version.cuda is None:
-        print("flextron: torch has no CUDA; building the CPU kernels only")
-        return False, None, archs
+    reason = None
     nvcc = _find_nvcc()
-    if nvcc is None:
-        print("flextron: nvcc not found; building the CPU kernels only (set CUDA_HOME to build CUDA)")
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} has no CUDA"
+    elif nvcc is None:
+        reason = "nvcc was not found (set CUDA_HOME or CUDACXX)"
+    if reason is not None:
+        if required:
+            _fail(f"FLEXTRON_REQUIRE_CUDA=1 but {reason}")
+        print(f"flextron: {reason}; building the CPU kernels only")
         return False, None, archs
+    print(f"flextron: building the CUDA kernels with {nvcc} for {archs}")
     return True, nvcc, archs
 
 

@@ -8,7 +8,9 @@ import torch
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def assert_close_to_reference(out: torch.Tensor, ref_low: torch.Tensor, ref_exact: torch.Tensor, factor: float = 2.0) -> None:
+def assert_close_to_reference(
+    out: torch.Tensor, ref_low: torch.Tensor, ref_exact: torch.Tensor, factor: float = 2.0
+) -> None:
     """``out`` must be as close to the exact (fp64) reference as the reference computed in
     ``out``'s dtype is, within ``factor`` and a small per-dtype floor."""
     assert out.shape == ref_exact.shape, (out.shape, ref_exact.shape)
@@ -21,5 +23,7 @@ def assert_close_to_reference(out: torch.Tensor, ref_low: torch.Tensor, ref_exac
     assert ours <= bound, f"max error {ours:.3e} > bound {bound:.3e} (reference in {out.dtype}: {theirs:.3e})"
 
 
-def random_choice(tokens: int, groups: int, device: str, generator: torch.Generator | None = None, dtype=torch.int64):
+def random_choice(
+    tokens: int, groups: int, device: str, generator: torch.Generator | None = None, dtype=torch.int64
+):
     return torch.randint(0, groups, (tokens,), generator=generator, dtype=dtype).to(device)

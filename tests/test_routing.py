@@ -19,7 +19,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @settings(max_examples=60, deadline=None)
-@given(tokens=st.integers(0, 300), groups=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), int32=st.booleans())
+@given(
+    tokens=st.integers(0, 300), groups=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), int32=st.booleans()
+)
 def test_route_plan_matches_reference_cpu(tokens, groups, seed, int32):
     gen = torch.Generator().manual_seed(seed)
     choice = random_choice(tokens, groups, "cpu", gen, torch.int32 if int32 else torch.int64)
@@ -106,7 +108,9 @@ def test_permute_unpermute_match_reference_cpu(tokens, cols, groups, dtype, with
     expected = reference.unpermute(xs, plan.perm, scale)
     if scale is None:
         assert torch.equal(back, x)
-    torch.testing.assert_close(back, expected, rtol=0, atol=0) if dtype == torch.float32 else torch.testing.assert_close(back, expected)
+    torch.testing.assert_close(
+        back, expected, rtol=0, atol=0
+    ) if dtype == torch.float32 else torch.testing.assert_close(back, expected)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])

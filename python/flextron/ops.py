@@ -11,6 +11,7 @@ the device by :func:`route_plan`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -47,22 +48,25 @@ class RoutePlan:
 
 
 def as_widths(widths: Widths, max_width: int | None = None, name: str = "widths") -> Tensor:
-    """Validate widths (strictly decreasing positive ints) and return them as CPU int32."""
+    """Validate widths (strictly decreasing positive ints) and return them as CPU int32.
+
+    A tensor is passed on as it is (after a dtype/device cast): the kernels validate its
+    values, and reading them here would be a data-dependent branch under torch.compile.
+    """
     if isinstance(widths, Tensor):
         if widths.dtype.is_floating_point or widths.dtype.is_complex or widths.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {widths.dtype}")
         if widths.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(widths.shape)}")
-        values = [int(v) for v in widths.tolist()]
-    else:
-        values = list(widths)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise TypeError(f"{name} must be integers, got {values}")
+        return widths.to(device="cpu", dtype=torch.int32)
+    values = list(widths)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} must be integers, got {values}")
     if not values:
         raise ValueError(f"{name} must not be empty")
     if any(v <= 0 for v in values):
         raise ValueError(f"{name} must be positive, got {values}")
-    if any(a <= b for a, b in zip(values, values[1:], strict=False)):
+    if any(a <= b for a, b in itertools.pairwise(values)):
         raise ValueError(f"{name} must be strictly decreasing, got {values}")
     if max_width is not None and values[0] > max_width:
         raise ValueError(f"{name}[0]={values[0]} exceeds the available width {max_width}")

@@ -62,7 +62,12 @@ def nested_weight_grad(
     grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor
 ) -> Tensor:
     """Per-group accumulation ``dw[:d_g] += grad_out_g[:, :d_g].T @ x_g`` (fp32 accumulate)."""
-    acc = torch.zeros(grad_out.shape[1], x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    acc = torch.zeros(
+        grad_out.shape[1],
+        x.shape[1],
+        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+        device=x.device,
+    )
     bounds = _bounds(offsets)
     for g, d in enumerate(_widths_list(widths)):
         start, end = bounds[g], bounds[g + 1]
