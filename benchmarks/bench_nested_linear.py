@@ -1,0 +1,159 @@
+"""Nested GEMMs (nested_linear_n, nested_linear_k, nested_weight_grad) vs baselines measured in
+the same run: the dense full-width matmul (cuBLAS / MKL), the per-group torch loop on weight
+slices (reference.py), and on the GPU torch._grouped_mm over zero-padded weights.
+
+Reports useful TFLOP/s (only the FLOPs of each token's width), the time as a fraction of the
+dense time next to the FLOP-proportional ideal, and the speed-up over the per-group loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import flextron
+from benchmarks.common import (
+    MIXES,
+    RESULTS_DIR,
+    Results,
+    choices_for_mix,
+    mean_fraction,
+    nested_widths,
+    print_table,
+    time_ms,
+)
+from flextron import reference
+
+GPU_SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+GPU_TOKENS = (512, 4096, 16384)
+CPU_SHAPES = {"smollm-135m": (576, 1536), "tinyllama-1b": (2048, 5632)}
+CPU_TOKENS = (256, 1024)
+
+
+def grouped_mm_padded(x: torch.Tensor, padded_weights: torch.Tensor, offsets: torch.Tensor):
+    # torch._grouped_mm computes every group at the full width (weights zero-padded).
+    return torch._grouped_mm(x, padded_weights, offs=offsets[1:])
+
+
+def bench_case(
+    results: Results,
+    device: str,
+    dtype,
+    name: str,
+    hidden: int,
+    inner: int,
+    tokens: int,
+    mix_name: str,
+    repeat: int,
+):
+    widths = nested_widths(inner)
+    mix = MIXES[mix_name]
+    plan = flextron.route_plan(choices_for_mix(tokens, mix, device), widths)
+    counts = (plan.offsets[1:] - plan.offsets[:-1]).cpu().tolist()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+    w_up = (torch.randn(inner, hidden, generator=gen) / hidden**0.5).to(dtype).to(device)
+    h = torch.randn(tokens, inner, generator=gen).to(dtype).to(device)
+    w_down = (torch.randn(hidden, inner, generator=gen) / inner**0.5).to(dtype).to(device)
+    dy = torch.randn(tokens, inner, generator=gen).to(dtype).to(device)
+    useful = 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
+    ideal = mean_fraction(widths, mix)
+    cases = {
+        "nested_linear_n": (
+            lambda: flextron.nested_linear_n(x, w_up, plan.offsets, plan.widths),
+            lambda: x @ w_up.T,
+            lambda: reference.nested_linear_n(x, w_up, plan.offsets, widths),
+        ),
+        "nested_linear_k": (
+            lambda: flextron.nested_linear_k(h, w_down, plan.offsets, plan.widths),
+            lambda: h @ w_down.T,
+            lambda: reference.nested_linear_k(h, w_down, plan.offsets, widths),
+        ),
+        "nested_weight_grad": (
+            lambda: flextron.nested_weight_grad(dy, x, plan.offsets, plan.widths),
+            lambda: dy.T @ x,
+            lambda: reference.nested_weight_grad(dy, x, plan.offsets, widths),
+        ),
+    }
+    padded = None
+    if device == "cuda" and hasattr(torch, "_grouped_mm"):
+        padded = torch.zeros(len(widths), hidden, inner, dtype=dtype, device=device)
+        for g, w in enumerate(widths):
+            padded[g, :, :w] = w_up[:w].T
+    for op, (ours, dense, loop) in cases.items():
+        row = dict(
+            op=op,
+            shape=name,
+            H=hidden,
+            D=inner,
+            tokens=tokens,
+            mix=mix_name,
+            dtype=str(dtype).split(".")[-1],
+            widths=widths,
+            ideal_fraction=round(ideal, 4),
+        )
+        ours_ms = time_ms(ours, device, repeat=repeat)
+        dense_ms = time_ms(dense, device, repeat=repeat)
+        loop_ms = time_ms(loop, device, repeat=repeat)
+        row.update(
+            ours_ms=ours_ms,
+            dense_ms=dense_ms,
+            loop_ms=loop_ms,
+            ours_tflops=useful / ours_ms / 1e9,
+            dense_tflops=2 * tokens * hidden * inner / dense_ms / 1e9,
+            fraction_of_dense=ours_ms / dense_ms,
+            speedup_vs_loop=loop_ms / ours_ms,
+        )
+        if op == "nested_linear_n" and padded is not None:
+            try:
+                row["grouped_mm_padded_ms"] = time_ms(
+                    lambda: grouped_mm_padded(x, padded, plan.offsets), device, repeat=repeat
+                )
+            except (RuntimeError, TypeError) as error:
+                row["grouped_mm_padded_ms"] = f"unavailable: {str(error).splitlines()[0][:80]}"
+        results.add(**row)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
+    tokens_list = GPU_TOKENS if args.device == "cuda" else CPU_TOKENS
+    if args.quick:
+        shapes = dict(list(shapes.items())[:1])
+        tokens_list = tokens_list[:2]
+    repeat = 20 if args.device == "cuda" else (3 if args.quick else 5)
+    results = Results("nested_linear", args.device)
+    print(f"nested GEMM benchmark on {results.device_name}, {dtype}")
+    for name, (hidden, inner) in shapes.items():
+        for tokens in tokens_list:
+            for mix_name in MIXES:
+                bench_case(results, args.device, dtype, name, hidden, inner, tokens, mix_name, repeat)
+    print_table(
+        results.rows,
+        [
+            "op",
+            "shape",
+            "tokens",
+            "mix",
+            "ideal_fraction",
+            "fraction_of_dense",
+            "ours_tflops",
+            "dense_tflops",
+            "speedup_vs_loop",
+        ],
+    )
+    path = results.write(args.out)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

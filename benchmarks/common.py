@@ -1,0 +1,106 @@
+"""Shared benchmark machinery: timing (CUDA events on the GPU, perf_counter on the CPU,
+warm-up then median), shape/width-mix definitions, JSON results and plots.
+
+Benchmarks report measured times and ratios against baselines measured in the same run;
+nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+WIDTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+# Share of tokens per width choice (widest first).
+MIXES = {"uniform": (0.25, 0.25, 0.25, 0.25), "skewed": (0.1, 0.2, 0.3, 0.4)}
+
+
+def nested_widths(full: int, fractions=WIDTH_FRACTIONS, multiple: int = 64) -> list[int]:
+    """Width choices as multiples of `multiple` (the full width is kept as it is)."""
+    widths = [full] + [max(multiple, round(full * f / multiple) * multiple) for f in fractions[1:]]
+    return sorted(set(widths), reverse=True)
+
+
+def choices_for_mix(tokens: int, mix: tuple[float, ...], device: str, seed: int = 0) -> torch.Tensor:
+    """Exactly round(tokens * share) tokens per choice, in a random order."""
+    counts = [round(tokens * share) for share in mix]
+    counts[0] += tokens - sum(counts)
+    choice = torch.cat([torch.full((c,), g, dtype=torch.long) for g, c in enumerate(counts)])
+    gen = torch.Generator().manual_seed(seed)
+    return choice[torch.randperm(tokens, generator=gen)].to(device)
+
+
+def mean_fraction(widths: list[int], mix: tuple[float, ...]) -> float:
+    return sum(share * w for share, w in zip(mix, widths, strict=True)) / widths[0]
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, repeat: int = 10) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class Results:
+    benchmark: str
+    device: str
+    rows: list[dict] = field(default_factory=list)
+    date: str = field(default_factory=lambda: dt.date.today().isoformat())
+    device_name: str = ""
+    torch_version: str = torch.__version__
+
+    def __post_init__(self) -> None:
+        self.device_name = self.device_name or device_name(self.device)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+
+    def write(self, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{self.benchmark}-{self.device}.json"
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)))

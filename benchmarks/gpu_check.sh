@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a lent H200 (or any Hopper machine with nvcc and a CUDA
+# torch). Builds flextron for sm_90a, runs the whole test suite (CUDA tests included) and
+# the kernel benchmarks, and writes logs + JSON + plot under $OUT (or ./gpu-results).
+# Sized to finish in under 8 minutes on 16 cores.
+#
+# Offline machines: put the nvidia-cutlass wheel (headers only) in .whl/ beforehand:
+#   pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass
+# Then commit $OUT's JSON/plot under benchmarks/results/<date>-<device>/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out_dir="${OUT:-$PWD/gpu-results}"
+mkdir -p "$out_dir"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/flextron-site .whl/nvidia_cutlass-*.whl || exit 1
+  export PYTHONPATH="/tmp/flextron-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out_dir/device.txt" 2>&1
+"$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >>"$out_dir/device.txt" 2>&1
+
+echo "== build (log: build.log)"
+start=$(date +%s)
+if ! FLEXTRON_CUDA_ARCHS="${FLEXTRON_CUDA_ARCHS:-90a}" FLEXTRON_REQUIRE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
+  "$py" setup.py build_ext --inplace >"$out_dir/build.log" 2>&1; then
+  tail -40 "$out_dir/build.log"
+  exit 1
+fi
+echo "built in $(($(date +%s) - start)) s"
+export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== tests (log: tests.log)"
+"$py" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out_dir/tests.log" | tail -15
+tests_status=${PIPESTATUS[0]}
+
+echo "== benchmarks (log: bench.log)"
+timeout 330 "$py" benchmarks/run.py --device cuda --out "$out_dir" 2>&1 | tee "$out_dir/bench.log" | tail -40
+bench_status=${PIPESTATUS[0]}
+echo "tests exit $tests_status, benchmarks exit $bench_status"
+exit $((tests_status || bench_status))
