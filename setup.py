@@ -71,6 +71,22 @@ def _cuda_build_settings() -> tuple[bool, str | None, str]:
     return True, nvcc, archs
 
 
+def _tool(name: str, bin_dir_attribute: str) -> str:
+    """The build tool from its PyPI package in this environment (a system one may be too old),
+    else from PATH."""
+    try:
+        module = __import__(name)
+        candidate = Path(getattr(module, bin_dir_attribute)) / name
+        if candidate.is_file():
+            return str(candidate)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which(name)
+    if found is None:
+        _fail(f"{name} not found: pip install {name}")
+    return found
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         try:
@@ -82,10 +98,8 @@ class CMakeBuild(build_ext):
                 "(pip install torch pybind11 cmake ninja nvidia-cutlass) and build with "
                 "`pip install --no-build-isolation .`"
             )
-        if shutil.which("cmake") is None:
-            _fail("cmake not found: pip install cmake")
-        if shutil.which("ninja") is None:
-            _fail("ninja not found: pip install ninja")
+        cmake = _tool("cmake", "CMAKE_BIN_DIR")
+        ninja = _tool("ninja", "BIN_DIR")
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             _fail("no C++ compiler found (set CXX or install g++)")
 
@@ -99,6 +113,7 @@ class CMakeBuild(build_ext):
         cmake_args = [
             "-G",
             "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
@@ -117,8 +132,8 @@ class CMakeBuild(build_ext):
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
 
-        subprocess.run(["cmake", str(ROOT), *cmake_args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, str(ROOT), *cmake_args], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
 
 
 setup(

@@ -16,9 +16,9 @@ import torch
 import flextron
 from benchmarks.common import (
     MIXES,
-    RESULTS_DIR,
     Results,
     choices_for_mix,
+    default_out_dir,
     mean_fraction,
     nested_widths,
     print_table,
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
     args = parser.parse_args(argv)
+    args.out = args.out or default_out_dir(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
     tokens_list = GPU_TOKENS if args.device == "cuda" else CPU_TOKENS

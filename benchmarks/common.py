@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(__file__).parent / "results"  # committed, dated results
+
+
+def default_out_dir(device: str) -> Path:
+    """Where a run writes unless told otherwise: runs/ (git-ignored), dated."""
+    return Path("runs") / f"bench-{dt.date.today().isoformat()}-{device}"
+
 
 WIDTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # Share of tokens per width choice (widest first).

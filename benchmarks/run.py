@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_elastic_mlp, bench_nested_linear
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import default_out_dir
 
 
 def plot(json_paths: list[Path], out: Path) -> Path:
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
     args = parser.parse_args(argv)
+    args.out = args.out or default_out_dir(args.device)
     common = ["--device", args.device, "--out", str(args.out)] + (["--quick"] if args.quick else [])
     paths = [bench_nested_linear.main(common), bench_elastic_mlp.main(common)]
     print(f"wrote {plot(paths, args.out / f'kernels-{args.device}.png')}")
