@@ -8,7 +8,6 @@ At mean width fraction r the FLOP-proportional ideal is r x the dense MLP time.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -18,18 +17,12 @@ from benchmarks.common import (
     MIXES,
     Results,
     choices_for_mix,
-    default_out_dir,
     mean_fraction,
     nested_widths,
-    print_table,
+    run_mlp_shape_sweep,
     time_ms,
 )
 from flextron import reference
-
-GPU_SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
-GPU_TOKENS = (512, 4096, 16384)
-CPU_SHAPES = {"smollm-135m": (576, 1536), "tinyllama-1b": (2048, 5632)}
-CPU_TOKENS = (256, 1024)
 
 
 def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -89,28 +82,10 @@ def bench_case(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
-    args = parser.parse_args(argv)
-    args.out = args.out or default_out_dir(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
-    tokens_list = GPU_TOKENS if args.device == "cuda" else CPU_TOKENS
-    if args.quick:
-        shapes = dict(list(shapes.items())[:1])
-        tokens_list = tokens_list[:2]
-    repeat = 20 if args.device == "cuda" else (3 if args.quick else 5)
-    results = Results("elastic_mlp", args.device)
-    print(f"elastic MLP benchmark on {results.device_name}, {dtype}")
-    for name, (hidden, inner) in shapes.items():
-        for tokens in tokens_list:
-            for mix_name in MIXES:
-                bench_case(results, args.device, dtype, name, hidden, inner, tokens, mix_name, repeat)
-    print_table(
-        results.rows,
+    return run_mlp_shape_sweep(
+        "elastic_mlp",
+        __doc__,
+        bench_case,
         [
             "shape",
             "tokens",
@@ -121,10 +96,8 @@ def main(argv: list[str] | None = None) -> Path:
             "speedup_vs_loop",
             "routing_share",
         ],
+        argv,
     )
-    path = results.write(args.out)
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

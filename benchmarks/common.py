@@ -7,6 +7,7 @@ nothing here asserts on speed.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import platform
@@ -25,6 +26,13 @@ def default_out_dir(device: str) -> Path:
     """Where a run writes unless told otherwise: runs/ (git-ignored), dated."""
     return Path("runs") / f"bench-{dt.date.today().isoformat()}-{device}"
 
+
+# MLP shapes (hidden H, inner D) and token counts: Llama-2-7B / Llama-3-8B on the GPU,
+# SmolLM-135M / TinyLlama-1.1B sized on the CPU.
+GPU_SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+GPU_TOKENS = (512, 4096, 16384)
+CPU_SHAPES = {"smollm-135m": (576, 1536), "tinyllama-1b": (2048, 5632)}
+CPU_TOKENS = (256, 1024)
 
 WIDTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # Share of tokens per width choice (widest first).
@@ -110,3 +118,38 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(_fmt(row.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def run_mlp_shape_sweep(
+    benchmark: str,
+    description: str,
+    bench_case: Callable[..., None],
+    table_columns: list[str],
+    argv: list[str] | None,
+) -> Path:
+    """The command line shared by the MLP-shaped benchmarks: sweep shapes x tokens x mixes,
+    print a table, write JSON. `bench_case(results, device, dtype, name, hidden, inner,
+    tokens, mix_name, repeat)` measures one case and adds its row."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
+    tokens_list = GPU_TOKENS if args.device == "cuda" else CPU_TOKENS
+    if args.quick:
+        shapes = dict(list(shapes.items())[:1])
+        tokens_list = tokens_list[:2]
+    repeat = 20 if args.device == "cuda" else (3 if args.quick else 5)
+    results = Results(benchmark, args.device)
+    print(f"{benchmark} benchmark on {results.device_name}, {dtype}")
+    for name, (hidden, inner) in shapes.items():
+        for tokens in tokens_list:
+            for mix_name in MIXES:
+                bench_case(results, args.device, dtype, name, hidden, inner, tokens, mix_name, repeat)
+    print_table(results.rows, table_columns)
+    path = results.write(args.out or default_out_dir(args.device))
+    print(f"wrote {path}")
+    return path
