@@ -47,53 +47,34 @@ def check_op(op_name: str, a_shape, b_shape, widths, tokens, dtype, device, gen,
     return plan, ours
 
 
-@settings(max_examples=40, deadline=None)
+def operand_shapes(op: str, tokens: int, nested: int, other: int):
+    """(a, b) shapes of `op` when its nested dimension has size `nested` and the free
+    dimension size `other`."""
+    return {
+        "nested_linear_n": ((tokens, other), (nested, other)),  # x [M, K], w [Nmax, K]
+        "nested_linear_k": ((tokens, nested), (other, nested)),  # x [M, Kmax], w [N, Kmax]
+        "nested_weight_grad": ((tokens, nested), (tokens, other)),  # dy [M, Nmax], x [M, K]
+    }[op]
+
+
+@settings(max_examples=120, deadline=None)
 @given(
+    op=st.sampled_from(["nested_linear_n", "nested_linear_k", "nested_weight_grad"]),
     tokens=st.integers(0, 70),
-    k=st.integers(1, 48),
-    n_extra=st.integers(0, 9),
+    other=st.integers(1, 48),
+    extra=st.integers(0, 9),
     widths=widths_strategy(40),
     dtype=st.sampled_from([torch.float64, *LOW_DTYPES]),
     seed=st.integers(0, 2**31 - 1),
     skew=st.booleans(),
 )
-def test_nested_linear_n_cpu(tokens, k, n_extra, widths, dtype, seed, skew):
+def test_nested_ops_cpu(op, tokens, other, extra, widths, dtype, seed, skew):
+    """Any width set (not only multiples of 8 or of a tile size), M = 0, empty groups,
+    nested dimension larger than the widest width."""
     gen = torch.Generator().manual_seed(seed)
-    nmax = widths[0] + n_extra
-    _, out = check_op("nested_linear_n", (tokens, k), (nmax, k), widths, tokens, dtype, "cpu", gen, skew)
-    assert out.shape == (tokens, nmax)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    tokens=st.integers(0, 70),
-    n=st.integers(1, 40),
-    k_extra=st.integers(0, 9),
-    widths=widths_strategy(40),
-    dtype=st.sampled_from([torch.float64, *LOW_DTYPES]),
-    seed=st.integers(0, 2**31 - 1),
-    skew=st.booleans(),
-)
-def test_nested_linear_k_cpu(tokens, n, k_extra, widths, dtype, seed, skew):
-    gen = torch.Generator().manual_seed(seed)
-    kmax = widths[0] + k_extra
-    check_op("nested_linear_k", (tokens, kmax), (n, kmax), widths, tokens, dtype, "cpu", gen, skew)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    tokens=st.integers(0, 70),
-    k=st.integers(1, 40),
-    n_extra=st.integers(0, 9),
-    widths=widths_strategy(40),
-    dtype=st.sampled_from([torch.float64, *LOW_DTYPES]),
-    seed=st.integers(0, 2**31 - 1),
-    skew=st.booleans(),
-)
-def test_nested_weight_grad_cpu(tokens, k, n_extra, widths, dtype, seed, skew):
-    gen = torch.Generator().manual_seed(seed)
-    nmax = widths[0] + n_extra
-    check_op("nested_weight_grad", (tokens, nmax), (tokens, k), widths, tokens, dtype, "cpu", gen, skew)
+    a_shape, b_shape = operand_shapes(op, tokens, widths[0] + extra, other)
+    _, out = check_op(op, a_shape, b_shape, widths, tokens, dtype, "cpu", gen, skew)
+    assert out.shape == ((widths[0] + extra, other) if op == "nested_weight_grad" else (tokens, b_shape[0]))
 
 
 # Shapes the GPU path accepts (multiples of 8), large enough to span several tiles, with
