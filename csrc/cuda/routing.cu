@@ -63,14 +63,17 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cuda(const at::Tensor& choice, int
   check_route_plan_inputs(choice, num_groups);
   const c10::cuda::CUDAGuard guard(choice.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const auto keys = choice.contiguous().to(at::kInt);  // radix sort on 32-bit keys
-  const int64_t tokens = keys.numel();
-  auto offsets = at::zeros({num_groups + 1}, keys.options());
-  auto perm = at::empty({tokens}, keys.options().dtype(at::kLong));
+  const auto choice_contig = choice.contiguous();
+  const int64_t tokens = choice_contig.numel();
+  auto offsets = at::zeros({num_groups + 1}, choice_contig.options().dtype(at::kInt));
+  auto perm = at::empty({tokens}, choice_contig.options().dtype(at::kLong));
   if (tokens > 0) {
-    count_choices_kernel<int32_t><<<grid_for(tokens), kThreads, 0, stream>>>(
-        keys.data_ptr<int32_t>(), tokens, static_cast<int>(num_groups),
-        offsets.data_ptr<int32_t>() + 1);
+    // Counted (and range-checked) in the caller's dtype, before the cast to 32-bit sort keys.
+    AT_DISPATCH_INDEX_TYPES(choice_contig.scalar_type(), "route_plan_cuda", [&] {
+      count_choices_kernel<index_t><<<grid_for(tokens), kThreads, 0, stream>>>(
+          choice_contig.data_ptr<index_t>(), tokens, static_cast<int>(num_groups),
+          offsets.data_ptr<int32_t>() + 1);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   counts_to_offsets_kernel<<<1, 1, 0, stream>>>(offsets.data_ptr<int32_t>(),
@@ -79,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor> route_plan_cuda(const at::Tensor& choice, int
   if (tokens == 0) return {perm, offsets};
 
   // A stable radix sort of (choice, token index) over just the bits the choices use.
+  const auto keys = choice_contig.to(at::kInt);
   auto token_index = at::empty({tokens}, perm.options());
   iota_kernel<<<grid_for(tokens), kThreads, 0, stream>>>(token_index.data_ptr<int64_t>(), tokens);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
