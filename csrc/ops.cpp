@@ -17,4 +17,9 @@ TORCH_LIBRARY(flextron, m) {
   // Staircase weight gradient of nested_linear_n: out[Nmax, K], row band [d_{g+1}, d_g) is
   // grad_out[:P_g, band].T @ x[:P_g] with P_g = offsets[g+1]; rows >= d_0 are zero.
   m.def("nested_weight_grad(Tensor grad_out, Tensor x, Tensor offsets, Tensor widths) -> Tensor");
+  // Rows of group g: out[:, :d_g] = act(h, gate)[:, :d_g], out[:, d_g:] = 0. activation is
+  // "swiglu" (silu(gate) * h, gate required), "gelu" or "gelu_tanh" (gate must be None).
+  m.def("nested_activation(Tensor h, Tensor? gate, Tensor offsets, Tensor widths, str activation) -> Tensor");
+  // Gradients of nested_activation in h and gate (gate's is empty without a gate).
+  m.def("nested_activation_backward(Tensor grad, Tensor h, Tensor? gate, Tensor offsets, Tensor widths, str activation) -> (Tensor grad_h, Tensor grad_gate)");
 }

@@ -4,6 +4,7 @@ from flextron._library import CUDA_ARCHS, WITH_CUDA, WITH_SM90
 from flextron.ops import (
     RoutePlan,
     elastic_mlp,
+    nested_activation,
     nested_linear_k,
     nested_linear_n,
     nested_weight_grad,
@@ -20,6 +21,7 @@ __all__ = [
     "WITH_SM90",
     "RoutePlan",
     "elastic_mlp",
+    "nested_activation",
     "nested_linear_k",
     "nested_linear_n",
     "nested_weight_grad",

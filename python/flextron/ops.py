@@ -120,15 +120,14 @@ def nested_weight_grad(grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Wid
     return _ops.nested_weight_grad(grad_out, x, offsets, as_widths(widths))
 
 
-def _activate(h: Tensor, gate: Tensor | None, activation: Activation) -> Tensor:
-    if activation == "swiglu":
-        assert gate is not None
-        return torch.nn.functional.silu(gate) * h
-    if activation == "gelu":
-        return torch.nn.functional.gelu(h)
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(h, approximate="tanh")
-    raise ValueError(f"activation must be 'swiglu', 'gelu' or 'gelu_tanh', got {activation!r}")
+def nested_activation(
+    h: Tensor, offsets: Tensor, widths: Widths, activation: Activation = "swiglu", gate: Tensor | None = None
+) -> Tensor:
+    """The MLP activation of a nested hidden block ``h [M, D]``, computed only inside each
+    row's width: rows of group g get ``act[:, :d_g]`` and zeros after. ``"swiglu"`` is
+    ``silu(gate) * h`` (needs ``gate``); ``"gelu"``/``"gelu_tanh"`` act on ``h`` alone.
+    Differentiable in h and gate."""
+    return _ops.nested_activation(h, gate, offsets, as_widths(widths), activation)
 
 
 def elastic_mlp(
@@ -151,8 +150,8 @@ def elastic_mlp(
     ``"gelu"`` or ``"gelu_tanh"`` (GPT-2). ``scale [T]`` multiplies each token's output.
     Pass ``plan`` to reuse a routing computed once for several layers with the same choices.
 
-    route_plan -> permute -> nested up (and gate) GEMM -> activation -> nested down GEMM ->
-    unpermute. Differentiable in x, the weights, the biases and scale.
+    route_plan -> permute -> nested up (and gate) GEMM -> nested activation (only inside
+    each token's width) -> nested down GEMM -> unpermute. Differentiable in x, the weights, the biases and scale.
     """
     if x.dim() < 1:
         raise ValueError("x must have a trailing hidden dimension")
@@ -162,6 +161,8 @@ def elastic_mlp(
     inner = w_up.shape[0]
     if w_down.dim() != 2 or tuple(w_down.shape) != (hidden, inner):
         raise ValueError(f"w_down must be [H={hidden}, D={inner}], got {tuple(w_down.shape)}")
+    if activation not in ("swiglu", "gelu", "gelu_tanh"):
+        raise ValueError(f"activation must be 'swiglu', 'gelu' or 'gelu_tanh', got {activation!r}")
     if activation == "swiglu":
         if w_gate is None:
             raise ValueError("activation='swiglu' needs w_gate")
@@ -183,11 +184,11 @@ def elastic_mlp(
     xs = permute(tokens, plan)
     h = nested_linear_n(xs, w_up, plan.offsets, width_tensor)
     if b_up is not None:
-        # Columns past a token's width are ignored by the nested down projection, so the
-        # bias (and activation) may touch them.
+        # Columns past a token's width are zeroed by the nested activation, so the bias
+        # may touch them.
         h = h + b_up
     gate = nested_linear_n(xs, w_gate, plan.offsets, width_tensor) if w_gate is not None else None
-    h = _activate(h, gate, activation)
+    h = _ops.nested_activation(h, gate, plan.offsets, width_tensor, activation)
     ys = nested_linear_k(h, w_down, plan.offsets, width_tensor)
     if b_down is not None:
         ys = ys + b_down
@@ -238,6 +239,24 @@ def _nested_weight_grad_fake(grad_out: Tensor, x: Tensor, offsets: Tensor, width
     torch._check(grad_out.dim() == 2 and x.dim() == 2, lambda: "grad_out and x must be 2-D")
     torch._check(grad_out.shape[0] == x.shape[0], lambda: "grad_out and x must share M")
     return x.new_empty((grad_out.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("flextron::nested_activation")
+def _nested_activation_fake(
+    h: Tensor, gate: Tensor | None, offsets: Tensor, widths: Tensor, activation: str
+) -> Tensor:
+    torch._check(h.dim() == 2, lambda: "h must be 2-D")
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("flextron::nested_activation_backward")
+def _nested_activation_backward_fake(
+    grad: Tensor, h: Tensor, gate: Tensor | None, offsets: Tensor, widths: Tensor, activation: str
+) -> tuple[Tensor, Tensor]:
+    grad_gate = (
+        torch.empty_like(h, memory_format=torch.contiguous_format) if gate is not None else h.new_empty(0)
+    )
+    return torch.empty_like(h, memory_format=torch.contiguous_format), grad_gate
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,4 +329,24 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "flextron::nested_linear_k", _nested_linear_k_backward, setup_context=_nested_setup
+)
+
+
+def _nested_activation_setup(ctx, inputs, output) -> None:
+    h, gate, offsets, widths, activation = inputs
+    ctx.activation = activation
+    ctx.has_gate = gate is not None
+    ctx.save_for_backward(h, gate if gate is not None else h.new_empty(0), offsets, widths)
+
+
+def _nested_activation_backward(ctx, grad: Tensor):
+    h, gate, offsets, widths = ctx.saved_tensors
+    grad_h, grad_gate = _ops.nested_activation_backward(
+        grad, h, gate if ctx.has_gate else None, offsets, widths, ctx.activation
+    )
+    return grad_h, (grad_gate if ctx.has_gate else None), None, None, None
+
+
+torch.library.register_autograd(
+    "flextron::nested_activation", _nested_activation_backward, setup_context=_nested_activation_setup
 )

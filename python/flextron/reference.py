@@ -85,6 +85,22 @@ def _activate(h: Tensor, gate: Tensor | None, activation: str) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def nested_activation(
+    h: Tensor,
+    offsets: Tensor,
+    widths: Sequence[int] | Tensor,
+    activation: str = "swiglu",
+    gate: Tensor | None = None,
+) -> Tensor:
+    out = torch.zeros_like(h)
+    bounds = _bounds(offsets)
+    for g, d in enumerate(_widths_list(widths)):
+        start, end = bounds[g], bounds[g + 1]
+        gate_block = gate[start:end, :d] if gate is not None else None
+        out[start:end, :d] = _activate(h[start:end, :d], gate_block, activation)
+    return out
+
+
 def elastic_mlp(
     x: Tensor,
     choice: Tensor,
