@@ -142,7 +142,7 @@ def run_mlp_shape_sweep(
     if args.quick:
         shapes = dict(list(shapes.items())[:1])
         tokens_list = tokens_list[:2]
-    repeat = 20 if args.device == "cuda" else (3 if args.quick else 5)
+    repeat = 20 if args.device == "cuda" else (3 if args.quick else 9)
     results = Results(benchmark, args.device)
     print(f"{benchmark} benchmark on {results.device_name}, {dtype}")
     for name, (hidden, inner) in shapes.items():
