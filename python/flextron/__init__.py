@@ -1,6 +1,7 @@
 """flextron: nested elastic LLMs (Flextron, ICML 2024) with token-routed nested GEMM kernels."""
 
 from flextron._library import CUDA_ARCHS, WITH_CUDA, WITH_SM90
+from flextron.layers import ElasticMLP
 from flextron.ops import (
     RoutePlan,
     elastic_mlp,
@@ -19,6 +20,7 @@ __all__ = [
     "CUDA_ARCHS",
     "WITH_CUDA",
     "WITH_SM90",
+    "ElasticMLP",
     "RoutePlan",
     "elastic_mlp",
     "nested_activation",

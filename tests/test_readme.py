@@ -1,0 +1,18 @@
+"""The README's quickstart runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_quickstart_runs_and_its_two_paths_agree():
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert code is not None, "README has no Quickstart python block"
+    namespace: dict = {}
+    exec(compile(code.group(1), str(README), "exec"), namespace)
+    torch.testing.assert_close(namespace["y"], namespace["y2"])
