@@ -88,4 +88,15 @@ inline ActivationProblem check_activation_inputs(const at::Tensor& h,
   return problem;
 }
 
+inline ActivationProblem check_activation_backward_inputs(
+    const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& gate,
+    const at::Tensor& offsets, const at::Tensor& widths, const std::string& activation) {
+  auto problem = check_activation_inputs(h, gate, offsets, widths, activation);
+  TORCH_CHECK(grad.sizes() == h.sizes() && grad.scalar_type() == h.scalar_type(),
+              "grad must match h (", h.sizes(), ", ", h.scalar_type(), "), got ", grad.sizes(),
+              ", ", grad.scalar_type());
+  check_same_device(grad, "grad", h, "h");
+  return problem;
+}
+
 }  // namespace flextron

@@ -75,4 +75,12 @@ inline void check_offsets_values_cpu(const at::Tensor& offsets, int64_t rows) {
               p[n - 1]);
 }
 
+// Validated host copy of CPU offsets, as int64 row bounds.
+inline std::vector<int64_t> read_offsets_cpu(const at::Tensor& offsets, int64_t rows) {
+  check_offsets_values_cpu(offsets, rows);
+  const auto o = offsets.contiguous();
+  const int32_t* p = o.data_ptr<int32_t>();
+  return std::vector<int64_t>(p, p + o.numel());
+}
+
 }  // namespace flextron

@@ -9,13 +9,6 @@
 namespace flextron {
 namespace {
 
-std::vector<int64_t> read_bounds(const at::Tensor& offsets, int64_t rows) {
-  check_offsets_values_cpu(offsets, rows);
-  const auto o = offsets.contiguous();
-  const int32_t* p = o.data_ptr<int32_t>();
-  return std::vector<int64_t>(p, p + o.numel());
-}
-
 c10::string_view gelu_approximation(Activation kind) {
   return kind == Activation::kGeluTanh ? "tanh" : "none";
 }
@@ -24,7 +17,7 @@ at::Tensor nested_activation_cpu(const at::Tensor& h, const std::optional<at::Te
                                  const at::Tensor& offsets, const at::Tensor& widths,
                                  c10::string_view activation) {
   const auto problem = check_activation_inputs(h, gate, offsets, widths, std::string(activation));
-  const auto bounds = read_bounds(offsets, h.size(0));
+  const auto bounds = read_offsets_cpu(offsets, h.size(0));
   const auto hc = h.contiguous();
   auto out = at::empty_like(hc);
   for (size_t g = 0; g < problem.widths.size(); ++g) {
@@ -46,12 +39,9 @@ at::Tensor nested_activation_cpu(const at::Tensor& h, const std::optional<at::Te
 std::tuple<at::Tensor, at::Tensor> nested_activation_backward_cpu(
     const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& gate,
     const at::Tensor& offsets, const at::Tensor& widths, c10::string_view activation) {
-  const auto problem = check_activation_inputs(h, gate, offsets, widths, std::string(activation));
-  TORCH_CHECK(grad.sizes() == h.sizes() && grad.scalar_type() == h.scalar_type(),
-              "grad must match h (", h.sizes(), ", ", h.scalar_type(), "), got ", grad.sizes(),
-              ", ", grad.scalar_type());
-  check_same_device(grad, "grad", h, "h");
-  const auto bounds = read_bounds(offsets, h.size(0));
+  const auto problem =
+      check_activation_backward_inputs(grad, h, gate, offsets, widths, std::string(activation));
+  const auto bounds = read_offsets_cpu(offsets, h.size(0));
   const int64_t cols = h.size(1);
   auto grad_h = at::zeros_like(h, at::MemoryFormat::Contiguous);
   auto grad_gate = gate.has_value() ? at::zeros_like(h, at::MemoryFormat::Contiguous)

@@ -7,17 +7,10 @@
 namespace flextron {
 namespace {
 
-std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows) {
-  check_offsets_values_cpu(offsets, rows);
-  const auto o = offsets.contiguous();
-  const int32_t* p = o.data_ptr<int32_t>();
-  return std::vector<int64_t>(p, p + o.numel());
-}
-
 at::Tensor nested_linear_n_cpu(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& offsets, const at::Tensor& widths) {
   const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kN);
-  const auto bounds = read_offsets(offsets, x.size(0));
+  const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto a = x.contiguous();
   const auto w = weight.contiguous();
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
@@ -39,7 +32,7 @@ at::Tensor nested_linear_n_cpu(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor nested_linear_k_cpu(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& offsets, const at::Tensor& widths) {
   const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kK);
-  const auto bounds = read_offsets(offsets, x.size(0));
+  const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto a = x.contiguous();
   const auto w = weight.contiguous();
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
@@ -58,7 +51,7 @@ at::Tensor nested_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& offsets, const at::Tensor& widths) {
   const auto problem =
       check_nested_inputs(grad_out, "grad_out", x, "x", offsets, widths, NestedDim::kWeightGrad);
-  const auto bounds = read_offsets(offsets, x.size(0));
+  const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto dy = grad_out.contiguous();
   const auto a = x.contiguous();
   auto out = at::zeros({dy.size(1), a.size(1)}, a.options());

@@ -86,11 +86,8 @@ at::Tensor nested_activation_cuda(const at::Tensor& h, const std::optional<at::T
 std::tuple<at::Tensor, at::Tensor> nested_activation_backward_cuda(
     const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& gate,
     const at::Tensor& offsets, const at::Tensor& widths, c10::string_view activation) {
-  const auto problem = check_activation_inputs(h, gate, offsets, widths, std::string(activation));
-  TORCH_CHECK(grad.sizes() == h.sizes() && grad.scalar_type() == h.scalar_type(),
-              "grad must match h (", h.sizes(), ", ", h.scalar_type(), "), got ", grad.sizes(),
-              ", ", grad.scalar_type());
-  check_same_device(grad, "grad", h, "h");
+  const auto problem =
+      check_activation_backward_inputs(grad, h, gate, offsets, widths, std::string(activation));
   const c10::cuda::CUDAGuard guard(h.device());
   const auto hc = h.contiguous();
   const auto gc = gate.has_value() ? gate->contiguous() : at::Tensor();
