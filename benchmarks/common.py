@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"  # committed, dated results
-
 
 def default_out_dir(device: str) -> Path:
     """Where a run writes unless told otherwise: runs/ (git-ignored), dated."""

@@ -8,9 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flextron.ops import Activation, as_widths, elastic_mlp, nested_activation
-
-_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
+from flextron.ops import ACTIVATIONS, Activation, as_widths, elastic_mlp, nested_activation
 
 
 class ElasticMLP(nn.Module):
@@ -37,8 +35,8 @@ class ElasticMLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if hidden_size <= 0 or intermediate_size <= 0:
             raise ValueError(
                 f"sizes must be positive, got hidden={hidden_size}, intermediate={intermediate_size}"
@@ -93,7 +91,9 @@ class ElasticMLP(nn.Module):
         bias_up = self.up.bias[:d] if self.up.bias is not None else None
         h = nn.functional.linear(tokens, self.up.weight[:d], bias_up)
         gate = nn.functional.linear(tokens, self.gate.weight[:d]) if self.gate is not None else None
-        offsets = torch.tensor([0, tokens.shape[0]], dtype=torch.int32, device=x.device)
+        # Built with fills, not torch.tensor([...]): no host-to-device copy on the forward path.
+        offsets = torch.full((2,), tokens.shape[0], dtype=torch.int32, device=x.device)
+        offsets[0] = 0
         h = nested_activation(h, offsets, [d], self.activation, gate)
         y = nn.functional.linear(h, self.down.weight[:, :d], self.down.bias)
         if scale is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ _ops = torch.ops.flextron
 
 Widths = Sequence[int] | Tensor
 Activation = Literal["swiglu", "gelu", "gelu_tanh"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def elastic_mlp(
     inner = w_up.shape[0]
     if w_down.dim() != 2 or tuple(w_down.shape) != (hidden, inner):
         raise ValueError(f"w_down must be [H={hidden}, D={inner}], got {tuple(w_down.shape)}")
-    if activation not in ("swiglu", "gelu", "gelu_tanh"):
+    if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be 'swiglu', 'gelu' or 'gelu_tanh', got {activation!r}")
     if activation == "swiglu":
         if w_gate is None:
