@@ -95,10 +95,17 @@ class Results:
 
     def __post_init__(self) -> None:
         self.device_name = self.device_name or device_name(self.device)
+        self._out_dir: Path | None = None
+
+    def write_as_you_go(self, out_dir: Path) -> None:
+        """Rewrite the JSON after every row, so a run cut short by a time limit keeps its rows."""
+        self._out_dir = out_dir
 
     def add(self, **row) -> None:
         self.rows.append(row)
         print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+        if self._out_dir is not None:
+            self.write(self._out_dir)
 
     def write(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +149,7 @@ def run_mlp_shape_sweep(
         tokens_list = tokens_list[:2]
     repeat = 20 if args.device == "cuda" else (3 if args.quick else 9)
     results = Results(benchmark, args.device)
+    results.write_as_you_go(args.out or default_out_dir(args.device))
     print(f"{benchmark} benchmark on {results.device_name}, {dtype}")
     for name, (hidden, inner) in shapes.items():
         for tokens in tokens_list:

@@ -1,6 +1,6 @@
-"""Run the kernel benchmarks on one device, write their JSON under benchmarks/results/ (or
---out) and a plot of time as a fraction of the dense baseline next to the FLOP-proportional
-ideal."""
+"""Run the kernel and layer benchmarks on one device, write their JSON under
+runs/bench-<date>-<device>/ (or --out) and plots of time as a fraction of the dense baseline
+next to the FLOP-proportional ideal."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_elastic_mlp, bench_nested_linear
+from benchmarks import bench_elastic_attention, bench_elastic_mlp, bench_nested_linear
 from benchmarks.common import default_out_dir
 
 
@@ -57,11 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
+    parser.add_argument(
+        "--suite",
+        choices=("all", "kernels", "attention"),
+        default="all",
+        help="kernels: nested GEMMs and the elastic MLP; attention: the elastic attention layer",
+    )
     args = parser.parse_args(argv)
     args.out = args.out or default_out_dir(args.device)
     common = ["--device", args.device, "--out", str(args.out)] + (["--quick"] if args.quick else [])
-    paths = [bench_nested_linear.main(common), bench_elastic_mlp.main(common)]
-    print(f"wrote {plot(paths, args.out / f'kernels-{args.device}.png')}")
+    if args.suite in ("all", "kernels"):
+        paths = [bench_nested_linear.main(common), bench_elastic_mlp.main(common)]
+        print(f"wrote {plot(paths, args.out / f'kernels-{args.device}.png')}")
+    if args.suite in ("all", "attention"):
+        bench_elastic_attention.main(common)
 
 
 if __name__ == "__main__":

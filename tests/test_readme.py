@@ -16,3 +16,14 @@ def test_quickstart_runs_and_its_two_paths_agree():
     namespace: dict = {}
     exec(compile(code.group(1), str(README), "exec"), namespace)
     torch.testing.assert_close(namespace["y"], namespace["y2"])
+
+
+def test_attention_example_runs():
+    code = re.search(r"### Elastic attention\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert code is not None, "README has no Elastic attention python block"
+    import flextron
+
+    namespace: dict = {"torch": torch, "flextron": flextron}
+    exec(compile(code.group(1), str(README), "exec"), namespace)
+    assert namespace["step"].shape == (2, 1, 576)
+    assert namespace["cache"].length == 17

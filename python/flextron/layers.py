@@ -4,11 +4,26 @@ pass picks the width per token, per sequence, or for the whole layer."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from flextron.ops import ACTIVATIONS, Activation, as_widths, elastic_mlp, nested_activation
+from flextron.attention import banded_attention, causal_mask, token_routed_flex_attention
+from flextron.kv_cache import KVCache
+from flextron.ops import (
+    ACTIVATIONS,
+    Activation,
+    as_widths,
+    elastic_mlp,
+    nested_activation,
+    nested_linear_k,
+    nested_linear_n,
+    permute,
+    route_plan,
+    unpermute,
+)
+from flextron.rope import RopeScaling, RotaryEmbedding, apply_rotary
 
 
 class ElasticMLP(nn.Module):
@@ -102,3 +117,264 @@ class ElasticMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"widths={list(self.widths)}, activation={self.activation!r}"
+
+
+AttentionBackend = Literal["sdpa", "flex"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+
+
+class ElasticAttention(nn.Module):
+    """Causal self-attention with nested query heads: choice ``g`` uses the first
+    ``head_choices[g]`` query heads.
+
+    K and V are computed for every KV head (and cached), whatever the routing; only the
+    query heads are elastic. The projections are fused in one weight,
+    ``qkv_proj.weight = [K; V; Q]``, so that a token with ``h`` heads needs one nested GEMM
+    of width ``(2 * kv_heads + h) * head_dim``; ``o_proj`` reads the first ``h * head_dim``
+    columns. Llama (RoPE, GQA, no biases), Qwen2 (QKV biases) and GPT-2 (no RoPE: positions
+    are the model's; biases everywhere) are configurations of this one module.
+
+    With GQA (``num_kv_heads < num_heads``) head choices keep whole query groups: every
+    choice is a multiple of ``num_heads // num_kv_heads``, and query head ``i`` reads KV
+    head ``i // (num_heads // num_kv_heads)`` as in Hugging Face models.
+
+    Routing, by the type of ``choice`` in :meth:`forward`:
+
+    - ``int``: one head count for the layer (static): dense matmuls on weight slices and
+      one attention call over the kept heads;
+    - tensor ``[B]``: one head count per sequence. Each head band attends only for the
+      sequences that use it. The choices are read on the host (one sync if they live on
+      the GPU; pass a CPU tensor to avoid it);
+    - tensor ``[B, S]``: one head count per token. The projections are token-routed
+      nested GEMMs. The core attention depends on ``attention_backend``: ``"sdpa"`` runs
+      each head band over all queries (the cost of full-width attention; each token's
+      output then reads only its own heads); ``"flex"`` runs one compiled FlexAttention
+      call whose block mask skips the heads a query does not use.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_choices: Sequence[int],
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        rope_theta: float | None = 10000.0,
+        rope_scaling: RopeScaling | None = None,
+        attention_backend: AttentionBackend = "sdpa",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}"
+            )
+        self.attention_backend = attention_backend
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if hidden_size <= 0 or num_heads <= 0 or num_kv_heads <= 0:
+            raise ValueError(
+                f"sizes must be positive, got hidden={hidden_size}, heads={num_heads}, kv_heads={num_kv_heads}"
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) is not a multiple of num_heads ({num_heads}): pass head_dim"
+                )
+            head_dim = hidden_size // num_heads
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.head_choices = tuple(as_widths(head_choices, max_width=num_heads, name="head_choices").tolist())
+        group = num_heads // num_kv_heads
+        if any(h % group for h in self.head_choices):
+            raise ValueError(
+                f"with {num_heads} query heads over {num_kv_heads} KV heads, head_choices must keep whole "
+                f"query groups (multiples of {group}), got {list(self.head_choices)}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.kv_size = 2 * num_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, self.kv_size + num_heads * head_dim, bias=qkv_bias, **factory)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias, **factory)
+        self.rotary = (
+            RotaryEmbedding(head_dim, rope_theta, rope_scaling).to(device) if rope_theta is not None else None
+        )
+        self.register_buffer("head_counts", torch.tensor(self.head_choices, device=device), persistent=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.qkv_proj.in_features
+
+    def qkv_widths(self) -> list[int]:
+        """Output widths of the nested QKV GEMM, one per head choice."""
+        return [self.kv_size + h * self.head_dim for h in self.head_choices]
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        weight = self.qkv_proj.weight
+        return KVCache(
+            batch_size,
+            max_length,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=dtype or weight.dtype,
+            device=device or weight.device,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        choice: int | Tensor = 0,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """``x [B, S, H]`` -> ``[B, S, H]``.
+
+        ``attention_mask [B, S]`` marks real tokens (1) and padding (0) of the new tokens
+        (pad on the left for batched generation); ``cache`` holds earlier tokens and gets
+        these appended. ``position_ids [B, S]`` default to the count of real tokens before
+        each token; ``position_embeddings`` (``cos, sin``) may be passed in to share them
+        across layers.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [batch, seq, {self.hidden_size}], got shape {tuple(x.shape)}")
+        batch, steps, _ = x.shape
+        valid = self._valid_mask(attention_mask, batch, steps, x.device)
+        mode = self._routing_mode(choice, batch, steps)
+        bands = self._band_sequences(choice) if mode == "sequence" else None
+        if mode == "static":
+            heads = self._static_heads(choice)
+            qkv = nn.functional.linear(
+                x,
+                self.qkv_proj.weight[: self.kv_size + heads * self.head_dim],
+                self.qkv_proj.bias[: self.kv_size + heads * self.head_dim]
+                if self.qkv_proj.bias is not None
+                else None,
+            )
+            plan = None
+        else:
+            heads = self.num_heads
+            token_choice = choice[:, None].expand(batch, steps) if mode == "sequence" else choice
+            plan = route_plan(token_choice.reshape(-1), self.head_choices)
+            widths = self.qkv_widths()
+            tokens = permute(x.reshape(batch * steps, -1), plan)
+            qkv = nested_linear_n(tokens, self.qkv_proj.weight, plan.offsets, widths)
+            if self.qkv_proj.bias is not None:
+                qkv = qkv + self.qkv_proj.bias  # columns past a token's width are never read
+            qkv = unpermute(qkv, plan).reshape(batch, steps, -1)
+
+        kv_heads = self.num_kv_heads
+        k = qkv[..., : self.kv_size // 2].reshape(batch, steps, kv_heads, self.head_dim)
+        v = qkv[..., self.kv_size // 2 : self.kv_size].reshape(batch, steps, kv_heads, self.head_dim)
+        q = qkv[..., self.kv_size :].reshape(batch, steps, heads, self.head_dim)
+        if self.rotary is not None:
+            if position_embeddings is None:
+                if position_ids is None:
+                    position_ids = self._default_positions(valid, cache, batch, steps, x.device)
+                position_embeddings = self.rotary(position_ids)
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        key_valid = valid
+        if cache is not None:
+            k, v, cached_valid = cache.update(k, v, valid)
+            key_valid = cached_valid if cache.padded else None
+
+        if mode == "static":
+            group = self.num_heads // kv_heads
+            mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
+            out = banded_attention(
+                q, k[:, : heads // group], v[:, : heads // group], [heads], mask, is_causal
+            )
+            out = out.transpose(1, 2).reshape(batch, steps, heads * self.head_dim)
+            return nn.functional.linear(out, self.o_proj.weight[:, : heads * self.head_dim], self.o_proj.bias)
+
+        if mode == "token" and self.attention_backend == "flex":
+            if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+                raise NotImplementedError(
+                    "attention_backend='flex' has no backward pass on the CPU (a FlexAttention limit): "
+                    "use 'sdpa' to train on the CPU, or run under torch.no_grad()"
+                )
+            out = token_routed_flex_attention(q, k, v, self.head_counts[choice], key_valid)
+        else:
+            mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
+            out = banded_attention(q, k, v, self.head_choices, mask, is_causal, bands)
+        out = out.transpose(1, 2).reshape(batch * steps, heads * self.head_dim)
+        widths = [h * self.head_dim for h in self.head_choices]
+        y = nested_linear_k(permute(out, plan), self.o_proj.weight, plan.offsets, widths)
+        if self.o_proj.bias is not None:
+            y = y + self.o_proj.bias
+        return unpermute(y, plan).reshape(batch, steps, -1)
+
+    def _routing_mode(self, choice: int | Tensor, batch: int, steps: int) -> str:
+        if isinstance(choice, int):
+            return "static"
+        if not isinstance(choice, Tensor):
+            raise TypeError(f"choice must be an int or a tensor, got {type(choice).__name__}")
+        if choice.dtype.is_floating_point or choice.dtype == torch.bool:
+            raise TypeError(f"choice must be an integer tensor, got {choice.dtype}")
+        if choice.shape == (batch,):
+            return "sequence"
+        if choice.shape == (batch, steps):
+            return "token"
+        raise ValueError(
+            f"choice must be an int, a tensor [batch={batch}] or [batch={batch}, seq={steps}], "
+            f"got shape {tuple(choice.shape)}"
+        )
+
+    def _static_heads(self, choice: int) -> int:
+        if not 0 <= choice < len(self.head_choices):
+            raise ValueError(f"choice must be in [0, {len(self.head_choices)}), got {choice}")
+        return self.head_choices[choice]
+
+    def _band_sequences(self, choice: Tensor) -> list[Tensor | None]:
+        """Per head band, the sequences that use it (None: all)."""
+        choices = choice.tolist()
+        if any(not 0 <= c < len(self.head_choices) for c in choices):
+            raise ValueError(f"choice values must be in [0, {len(self.head_choices)}), got {choices}")
+        bands: list[Tensor | None] = []
+        for g in range(len(self.head_choices)):
+            rows = [b for b, c in enumerate(choices) if c <= g]
+            full = len(rows) == len(choices)
+            bands.append(None if full else torch.tensor(rows, dtype=torch.int64).to(choice.device))
+        return bands
+
+    @staticmethod
+    def _valid_mask(
+        attention_mask: Tensor | None, batch: int, steps: int, device: torch.device
+    ) -> Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (batch, steps):
+            raise ValueError(
+                f"attention_mask must be [batch={batch}, seq={steps}], got shape {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.to(device=device, dtype=torch.bool)
+
+    @staticmethod
+    def _default_positions(
+        valid: Tensor | None, cache: KVCache | None, batch: int, steps: int, device: torch.device
+    ) -> Tensor:
+        """Each token's position: the number of real tokens before it in its sequence."""
+        past = cache.past_valid_counts()[:, None] if cache is not None else 0
+        if valid is None:
+            return past + torch.arange(steps, device=device).expand(batch, steps)
+        return past + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"head_choices={list(self.head_choices)}, attention_backend={self.attention_backend!r}"
+        )

@@ -151,3 +151,53 @@ def dense_mlp(
     gate = x @ w_gate.T if w_gate is not None else None
     y = _activate(h, gate, activation) @ w_down.T
     return y + b_down if b_down is not None else y
+
+
+def elastic_attention(
+    x: Tensor,
+    head_counts: Tensor,
+    w_qkv: Tensor,
+    w_o: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    b_qkv: Tensor | None = None,
+    b_o: Tensor | None = None,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    key_valid: Tensor | None = None,
+) -> Tensor:
+    """Causal self-attention where token ``(b, s)`` uses query heads ``[0, head_counts[b, s])``.
+
+    Written as the full-width attention with the unused heads of each token masked to zero
+    before the output projection (the same as slicing the weights per token). ``w_qkv`` is
+    ``[K; V; Q]``; ``key_valid [B, S]`` marks real tokens (a query always sees itself).
+    """
+    batch, steps, _ = x.shape
+    head_dim = w_o.shape[1] // num_heads
+    kv_size = num_kv_heads * head_dim
+    qkv = x @ w_qkv.T + (b_qkv if b_qkv is not None else 0)
+    k = qkv[..., :kv_size].reshape(batch, steps, num_kv_heads, head_dim)
+    v = qkv[..., kv_size : 2 * kv_size].reshape(batch, steps, num_kv_heads, head_dim)
+    q = qkv[..., 2 * kv_size :].reshape(batch, steps, num_heads, head_dim)
+    if cos is not None and sin is not None:
+
+        def rotate(t: Tensor) -> Tensor:
+            half = head_dim // 2
+            turned = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+            return t * cos[:, :, None].to(t.dtype) + turned * sin[:, :, None].to(t.dtype)
+
+        q, k = rotate(q), rotate(k)
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / head_dim**0.5
+    slots = torch.arange(steps, device=x.device)
+    allowed = slots[None, :] <= slots[:, None]
+    if key_valid is not None:
+        allowed = allowed & (key_valid[:, None, :].bool() | (slots[None, :] == slots[:, None]))
+    scores = scores.masked_fill(~allowed.reshape(-1, 1, steps, steps), float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
+    used = torch.arange(num_heads, device=x.device) < head_counts[..., None]
+    out = out * used[..., None].to(out.dtype)
+    y = out.reshape(batch, steps, -1) @ w_o.T
+    return y + b_o if b_o is not None else y

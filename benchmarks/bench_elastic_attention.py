@@ -1,0 +1,315 @@
+"""Elastic attention (flextron.ElasticAttention) vs plain torch attention measured in the same
+run: the dense full-width layer, and for each static head count the same layer built on
+sliced weights (the "static sliced model"). Prefill (causal, batch 1) and one decode step
+with a filled KV cache; static head counts, a per-token mix (both core-attention backends:
+banded SDPA and FlexAttention) and a batch of sequences with different budgets.
+
+The ideal is FLOP-proportional: time x (FLOPs of the routed layer / FLOPs of the dense one),
+counting the projections and the causal core attention each token actually uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from benchmarks.common import Results, default_out_dir, print_table, time_ms
+from flextron.layers import ElasticAttention
+from flextron.rope import apply_rotary
+
+HEAD_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def head_choices(self) -> list[int]:
+        group = self.heads // self.kv_heads
+        counts = [max(group, round(self.heads * f / group) * group) for f in HEAD_FRACTIONS]
+        return sorted(set(counts), reverse=True)
+
+
+GPU_SHAPES = {
+    "llama2-7b": AttentionShape(4096, 32, 32, 128),
+    "llama2-7b-gqa": AttentionShape(4096, 32, 8, 128),
+}
+GPU_PREFILL = (512, 2048, 8192)
+GPU_DECODE = (16, 4096)  # batch, cached tokens
+CPU_SHAPES = {"small": AttentionShape(512, 8, 8, 64), "small-gqa": AttentionShape(512, 8, 4, 64)}
+CPU_PREFILL = (256, 1024)
+CPU_DECODE = (4, 1024)
+
+
+def layer_flops(shape: AttentionShape, heads: torch.Tensor, keys: torch.Tensor) -> float:
+    """FLOPs of the projections and the core attention for tokens using ``heads[t]`` query
+    heads over ``keys[t]`` keys."""
+    kv = 2 * shape.kv_heads * shape.head_dim
+    projections = 2 * shape.hidden * (kv * heads.numel() + 2 * shape.head_dim * heads.sum().item())
+    core = 4 * shape.head_dim * (heads * keys).sum().item()
+    return float(projections + core)
+
+
+@dataclass(frozen=True)
+class PlainAttention:
+    """Standard attention (torch only) on copies of the first ``heads`` query heads' weights:
+    the static sliced model, or the dense layer when ``heads`` is all of them."""
+
+    w_qkv: torch.Tensor
+    w_o: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def slice(cls, layer: ElasticAttention, heads: int) -> PlainAttention:
+        kv_heads = heads * layer.num_kv_heads // layer.num_heads
+        d, kv_size = layer.head_dim, layer.kv_size
+        weight = layer.qkv_proj.weight
+        w_qkv = torch.cat(
+            [
+                weight[: kv_heads * d],
+                weight[kv_size // 2 : kv_size // 2 + kv_heads * d],
+                weight[kv_size : kv_size + heads * d],
+            ]
+        )
+        w_o = layer.o_proj.weight[:, : heads * d].contiguous()
+        return cls(w_qkv, w_o, heads, kv_heads, d)
+
+    def __call__(self, x, cos, sin, cache_kv=None):
+        batch, steps, _ = x.shape
+        kv, d = self.kv_heads * self.head_dim, self.head_dim
+        qkv = F.linear(x, self.w_qkv)
+        k = qkv[..., :kv].view(batch, steps, self.kv_heads, d)
+        v = qkv[..., kv : 2 * kv].view(batch, steps, self.kv_heads, d)
+        q = qkv[..., 2 * kv :].view(batch, steps, self.heads, d)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache_kv is not None:  # decode: write the new token into a preallocated cache
+            cache_k, cache_v, length = cache_kv
+            cache_k[:, : self.kv_heads, length - steps : length] = k
+            cache_v[:, : self.kv_heads, length - steps : length] = v
+            k, v = cache_k[:, : self.kv_heads, :length], cache_v[:, : self.kv_heads, :length]
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=cache_kv is None, enable_gqa=self.kv_heads != self.heads
+        )
+        return F.linear(out.transpose(1, 2).reshape(batch, steps, -1), self.w_o)
+
+
+def mixed_choice(batch: int, steps: int, groups: int, device: str, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, groups, (batch, steps), generator=gen).to(device)
+
+
+def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
+    x = torch.randn(1, steps, shape.hidden, dtype=dtype, device=device)
+    positions = torch.arange(steps, device=device)[None]
+    cos, sin = layer.rotary(positions)
+    keys = torch.arange(1, steps + 1, device=device)
+    full_flops = layer_flops(shape, torch.full((steps,), shape.heads, device=device), keys)
+    dense = PlainAttention.slice(layer, shape.heads)
+    dense_ms = time_ms(lambda: dense(x, cos, sin), device, repeat=repeat)
+    common = {"phase": "prefill", "shape": name, "batch": 1, "tokens": steps, "dtype": str(dtype)[6:]}
+
+    def add(case, backend, ours_ms, ideal, sliced_ms=None):
+        results.add(
+            **common,
+            case=case,
+            backend=backend,
+            ours_ms=ours_ms,
+            dense_ms=dense_ms,
+            sliced_ms=sliced_ms,
+            fraction_of_dense=ours_ms / dense_ms,
+            ideal_fraction=ideal,
+            vs_ideal=ours_ms / (ideal * dense_ms),
+            vs_sliced=ours_ms / sliced_ms if sliced_ms else None,
+        )
+
+    for g, heads in enumerate(layer.head_choices):
+        ours_ms = time_ms(lambda g=g: layer(x, g, position_embeddings=(cos, sin)), device, repeat=repeat)
+        sliced = PlainAttention.slice(layer, heads)
+        sliced_ms = time_ms(lambda sliced=sliced: sliced(x, cos, sin), device, repeat=repeat)
+        ideal = layer_flops(shape, torch.full((steps,), heads, device=device), keys) / full_flops
+        add(f"static {heads}/{shape.heads} heads", "sdpa", ours_ms, ideal, sliced_ms)
+
+    choice = mixed_choice(1, steps, len(layer.head_choices), device)
+    token_heads = layer.head_counts[choice].reshape(-1)
+    proportional = layer_flops(shape, token_heads, keys) / full_flops
+    for backend in ("sdpa", "flex"):
+        layer.attention_backend = backend
+        ours_ms = time_ms(lambda: layer(x, choice, position_embeddings=(cos, sin)), device, repeat=repeat)
+        add("per-token uniform mix", backend, ours_ms, proportional)
+    layer.attention_backend = "sdpa"
+
+
+def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat):
+    """A batch with one sequence per head choice (requests with different budgets)."""
+    groups = len(layer.head_choices)
+    x = torch.randn(groups, steps, shape.hidden, dtype=dtype, device=device)
+    cos, sin = layer.rotary(torch.arange(steps, device=device)[None].expand(groups, steps))
+    choice = torch.arange(groups)  # on the host: no device sync to group the sequences
+    keys = torch.arange(1, steps + 1, device=device).repeat(groups)
+    full = layer_flops(shape, torch.full((groups * steps,), shape.heads, device=device), keys)
+    heads = torch.tensor(layer.head_choices, device=device).repeat_interleave(steps)
+    ideal = layer_flops(shape, heads, keys) / full
+    dense = PlainAttention.slice(layer, shape.heads)
+    dense_ms = time_ms(lambda: dense(x, cos, sin), device, repeat=repeat)
+    ours_ms = time_ms(lambda: layer(x, choice, position_embeddings=(cos, sin)), device, repeat=repeat)
+    results.add(
+        phase="prefill",
+        shape=name,
+        batch=groups,
+        tokens=groups * steps,
+        dtype=str(dtype)[6:],
+        case="per-sequence budgets",
+        backend="sdpa",
+        ours_ms=ours_ms,
+        dense_ms=dense_ms,
+        sliced_ms=None,
+        fraction_of_dense=ours_ms / dense_ms,
+        ideal_fraction=ideal,
+        vs_ideal=ours_ms / (ideal * dense_ms),
+        vs_sliced=None,
+    )
+
+
+def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat):
+    cache = layer.new_cache(batch, cached + 1)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.valid[:, :cached] = True
+    x = torch.randn(batch, 1, shape.hidden, dtype=dtype, device=device)
+    positions = torch.full((batch, 1), cached, device=device)
+    cos, sin = layer.rotary(positions)
+    keys = torch.full((batch,), cached + 1, device=device)
+    full_flops = layer_flops(shape, torch.full((batch,), shape.heads, device=device), keys)
+
+    def step(choice):
+        cache.length = cached
+        return layer(x, choice, cache=cache, position_embeddings=(cos, sin))
+
+    kv = (cache.k.clone(), cache.v.clone(), cached + 1)
+    dense = PlainAttention.slice(layer, shape.heads)
+    dense_ms = time_ms(lambda: dense(x, cos, sin, kv), device, repeat=repeat)
+    common = {"phase": "decode", "shape": name, "batch": batch, "tokens": cached, "dtype": str(dtype)[6:]}
+    cases = [(f"static {h}/{shape.heads} heads", g, "sdpa") for g, h in enumerate(layer.head_choices)]
+    choice = mixed_choice(batch, 1, len(layer.head_choices), device)
+    cases += [("per-token uniform mix", choice, "sdpa"), ("per-token uniform mix", choice, "flex")]
+    for case, choice_arg, backend in cases:
+        layer.attention_backend = backend
+        ours_ms = time_ms(lambda c=choice_arg: step(c), device, repeat=repeat)
+        if isinstance(choice_arg, int):
+            heads = torch.full((batch,), layer.head_choices[choice_arg], device=device)
+            sliced = PlainAttention.slice(layer, layer.head_choices[choice_arg])
+            sliced_ms = time_ms(lambda sliced=sliced: sliced(x, cos, sin, kv), device, repeat=repeat)
+        else:
+            heads, sliced_ms = layer.head_counts[choice_arg].reshape(-1), None
+        ideal = layer_flops(shape, heads, keys) / full_flops
+        results.add(
+            **common,
+            case=case,
+            backend=backend,
+            ours_ms=ours_ms,
+            dense_ms=dense_ms,
+            sliced_ms=sliced_ms,
+            fraction_of_dense=ours_ms / dense_ms,
+            ideal_fraction=ideal,
+            vs_ideal=ours_ms / (ideal * dense_ms),
+            vs_sliced=ours_ms / sliced_ms if sliced_ms else None,
+        )
+    layer.attention_backend = "sdpa"
+
+
+def plot(json_path: Path, out: Path) -> Path:
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(rows)), 5))
+    xs = range(len(rows))
+    labels = [f"{r['phase']} {r['shape']} T={r['tokens']}\n{r['case']} [{r['backend']}]" for r in rows]
+    ax.bar([x - 0.2 for x in xs], [r["ideal_fraction"] for r in rows], 0.4, label="ideal (FLOP share)")
+    ax.bar([x + 0.2 for x in xs], [r["fraction_of_dense"] for r in rows], 0.4, label="flextron")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
+    ax.set_ylabel("time / dense full-width attention time (lower is better)")
+    ax.set_title(
+        f"elastic attention on {data['device_name']}\n{data['date']}, torch {data['torch_version']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    on_gpu = device == "cuda"
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    prefill = GPU_PREFILL if on_gpu else CPU_PREFILL
+    batch, cached = GPU_DECODE if on_gpu else CPU_DECODE
+    if args.quick:
+        shapes, prefill = dict(list(shapes.items())[:1]), prefill[:1]
+    repeat = 20 if on_gpu else (3 if args.quick else 7)
+    out_dir = args.out or default_out_dir(device)
+    results = Results("elastic_attention", device)
+    results.write_as_you_go(out_dir)
+    print(f"elastic_attention benchmark on {results.device_name}, {dtype}")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, shape in shapes.items():
+            layer = ElasticAttention(
+                shape.hidden,
+                shape.heads,
+                shape.head_choices(),
+                num_kv_heads=shape.kv_heads,
+                head_dim=shape.head_dim,
+                device=device,
+                dtype=dtype,
+            )
+            for steps in prefill:
+                bench_prefill(results, layer, shape, name, steps, device, dtype, repeat)
+            bench_per_sequence(results, layer, shape, name, prefill[0], device, dtype, repeat)
+            bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat)
+    print_table(
+        results.rows,
+        [
+            "phase",
+            "shape",
+            "tokens",
+            "case",
+            "backend",
+            "fraction_of_dense",
+            "ideal_fraction",
+            "vs_ideal",
+            "vs_sliced",
+        ],
+    )
+    path = results.write(out_dir)
+    print(f"wrote {path} and {plot(path, out_dir / f'elastic_attention-{device}.png')}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
