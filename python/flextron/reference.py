@@ -201,3 +201,46 @@ def elastic_attention(
     out = out * used[..., None].to(out.dtype)
     y = out.reshape(batch, steps, -1) @ w_o.T
     return y + b_o if b_o is not None else y
+
+
+def elastic_lm(model, input_ids: Tensor, mlp_choice: Tensor, attention_choice: Tensor) -> Tensor:
+    """Logits of a :class:`flextron.model.ElasticLM` where token ``(b, s)`` of layer ``i`` uses
+    MLP choice ``mlp_choice[i, b, s]`` and head choice ``attention_choice[i, b, s]``, computed
+    with the reference MLP and attention (no routing machinery, no KV cache)."""
+    config = model.config
+    batch, steps = input_ids.shape
+    positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
+    x = model.embed_tokens(input_ids)
+    cos = sin = None
+    if model.embed_positions is not None:
+        x = x + model.embed_positions(positions)
+    if model.rotary is not None:
+        cos, sin = model.rotary(positions)
+    head_counts = torch.tensor(config.head_choices, device=input_ids.device)
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.attention, layer.mlp
+        x = x + elastic_attention(
+            layer.attention_norm(x),
+            head_counts[attention_choice[i]],
+            attn.qkv_proj.weight,
+            attn.o_proj.weight,
+            config.num_heads,
+            config.num_kv_heads,
+            attn.qkv_proj.bias,
+            attn.o_proj.bias,
+            cos,
+            sin,
+        )
+        h = layer.mlp_norm(x).reshape(-1, config.hidden_size)
+        x = x + elastic_mlp(
+            h,
+            mlp_choice[i].reshape(-1),
+            mlp.up.weight,
+            mlp.down.weight,
+            config.mlp_widths,
+            config.activation,
+            mlp.gate.weight if mlp.gate is not None else None,
+            mlp.up.bias,
+            mlp.down.bias,
+        ).reshape(x.shape)
+    return model.lm_head(model.norm(x))

@@ -1,0 +1,150 @@
+"""Elastic checkpoints: a directory with ``model.safetensors`` (weights), ``flextron.json``
+(the ElasticConfig plus metadata: width choices, importance scores, the source model's
+config) and the tokenizer's files.
+
+Every file is written atomically (a temporary file in the same directory, flushed, then
+renamed over the target), so a process killed mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from flextron.model import ElasticConfig, ElasticLM
+
+FORMAT = "flextron-elastic"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+METADATA = "flextron.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or corrupt."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_tensors(model: ElasticLM) -> dict[str, torch.Tensor]:
+    """The model's weights; a tied output head is stored once (as the embedding)."""
+    tensors = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def save_elastic(
+    model: ElasticLM, directory: str | Path, metadata: dict[str, Any] | None = None, tokenizer=None
+) -> Path:
+    """Write ``model`` (+ ``metadata`` and the tokenizer) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(directory / WEIGHTS, model_tensors(model), {"format": FORMAT})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    record = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        **(metadata or {}),
+    }
+    atomic_write_json(directory / METADATA, record)
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    path = directory / METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a flextron checkpoint: {METADATA} is missing")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} file")
+    if record.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {record.get('version')}, this flextron reads {FORMAT_VERSION}"
+        )
+    return record
+
+
+def load_elastic(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[ElasticLM, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_elastic`: ``(model, metadata)``."""
+    directory = Path(directory)
+    record = read_metadata(directory)
+    try:
+        config = ElasticConfig.from_dict(record["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / METADATA} has an invalid config: {e}") from None
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} is incomplete: {WEIGHTS} is missing")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is corrupt: {e}") from None
+    with torch.device("meta"):
+        model = ElasticLM(config)
+    expected = model_tensors(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.finish_loading(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), record

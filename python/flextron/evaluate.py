@@ -1,0 +1,126 @@
+"""Perplexity of an elastic model per budget on local text (a table, JSON and a plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from flextron.checkpoint import atomic_write_bytes
+from flextron.data import Text, token_windows
+from flextron.model import ElasticLM, Routing, UniformLoss, choices_for_budget
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    budget: float
+    mlp_width: int
+    heads: int
+    active_fraction: float  # transformer-layer weights used / full
+    parameters: int  # all weights the sub-network uses, embeddings included
+    tokens: int
+    loss: float  # mean next-token cross-entropy (nats)
+    perplexity: float
+    seconds: float
+
+
+@torch.no_grad()
+def mean_loss(
+    model: ElasticLM, batches: Sequence[torch.Tensor], routing: Routing, progress: bool = False
+) -> tuple[float, int]:
+    """Mean next-token cross-entropy over full windows (every target token counted once)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(batch, routing)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    return total / count, count
+
+
+def evaluate_budgets(
+    model: ElasticLM,
+    tokenizer,
+    texts: Sequence[Text],
+    budgets: Sequence[float],
+    seq_len: int = 256,
+    max_tokens: int = 16384,
+    batch_size: int = 8,
+    progress: bool = True,
+    losses: Sequence[UniformLoss] | None = None,
+) -> list[BudgetResult]:
+    """Perplexity of the uniform static sub-network of each budget (resolved with ``losses``,
+    see :func:`flextron.model.choices_for_budget`) on the same token windows."""
+    batches = list(
+        token_windows(tokenizer, texts, seq_len, max_tokens, batch_size, model.config.eos_token_id)
+    )
+    results = []
+    for budget in tqdm(budgets, desc="budgets", unit="budget", disable=not progress):
+        choice = choices_for_budget(model.config, budget, losses)
+        routing = Routing.uniform(model.config.num_layers, choice.mlp, choice.attention)
+        start = time.perf_counter()
+        loss, tokens = mean_loss(model, batches, routing)
+        results.append(
+            BudgetResult(
+                budget=budget,
+                mlp_width=model.config.mlp_widths[choice.mlp],
+                heads=model.config.head_choices[choice.attention],
+                active_fraction=choice.active_fraction,
+                parameters=model.num_parameters(choice),
+                tokens=tokens,
+                loss=loss,
+                perplexity=math.exp(loss),
+                seconds=time.perf_counter() - start,
+            )
+        )
+    return results
+
+
+def format_table(results: Sequence[BudgetResult]) -> str:
+    lines = [
+        "| budget | MLP width | heads | layer weights | parameters | perplexity | eval time (s) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.budget:g} | {r.mlp_width} | {r.heads} | {r.active_fraction:.3f} | {r.parameters / 1e6:.1f}M "
+            f"| {r.perplexity:.2f} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[BudgetResult], out_dir: str | Path, title: str) -> tuple[Path, Path]:
+    """``perplexity.json`` and ``perplexity.png`` (perplexity vs active parameters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "perplexity.json"
+    atomic_write_bytes(json_path, (json.dumps([asdict(r) for r in results], indent=1) + "\n").encode())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r.parameters / 1e6 for r in results]
+    ax.plot(xs, [r.perplexity for r in results], "o-")
+    for r, x in zip(results, xs, strict=True):
+        ax.annotate(
+            f"budget {r.budget:g}", (x, r.perplexity), fontsize=7, textcoords="offset points", xytext=(4, 4)
+        )
+    ax.set_xlabel("parameters used (millions)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    png_path = out_dir / "perplexity.png"
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path

