@@ -11,13 +11,14 @@ counting the projections and the causal core attention each token actually uses.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from benchmarks.common import Results, default_out_dir, print_table, time_ms
+from benchmarks.common import Results, default_out_dir, print_table, save_bar_plots, time_ms
 from flextron.layers import ElasticAttention
 from flextron.rope import apply_rotary
 
@@ -103,6 +104,21 @@ class PlainAttention:
         return F.linear(out.transpose(1, 2).reshape(batch, steps, -1), self.w_o)
 
 
+def add_row(results, common: dict, case: str, backend: str, ours_ms, dense_ms, ideal, sliced_ms=None) -> None:
+    results.add(
+        **common,
+        case=case,
+        backend=backend,
+        ours_ms=ours_ms,
+        dense_ms=dense_ms,
+        sliced_ms=sliced_ms,
+        fraction_of_dense=ours_ms / dense_ms,
+        ideal_fraction=ideal,
+        vs_ideal=ours_ms / (ideal * dense_ms),
+        vs_sliced=ours_ms / sliced_ms if sliced_ms else None,
+    )
+
+
 def mixed_choice(batch: int, steps: int, groups: int, device: str, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, groups, (batch, steps), generator=gen).to(device)
@@ -119,18 +135,7 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
     common = {"phase": "prefill", "shape": name, "batch": 1, "tokens": steps, "dtype": str(dtype)[6:]}
 
     def add(case, backend, ours_ms, ideal, sliced_ms=None):
-        results.add(
-            **common,
-            case=case,
-            backend=backend,
-            ours_ms=ours_ms,
-            dense_ms=dense_ms,
-            sliced_ms=sliced_ms,
-            fraction_of_dense=ours_ms / dense_ms,
-            ideal_fraction=ideal,
-            vs_ideal=ours_ms / (ideal * dense_ms),
-            vs_sliced=ours_ms / sliced_ms if sliced_ms else None,
-        )
+        add_row(results, common, case, backend, ours_ms, dense_ms, ideal, sliced_ms)
 
     for g, heads in enumerate(layer.head_choices):
         ours_ms = time_ms(lambda g=g: layer(x, g, position_embeddings=(cos, sin)), device, repeat=repeat)
@@ -162,22 +167,14 @@ def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat
     dense = PlainAttention.slice(layer, shape.heads)
     dense_ms = time_ms(lambda: dense(x, cos, sin), device, repeat=repeat)
     ours_ms = time_ms(lambda: layer(x, choice, position_embeddings=(cos, sin)), device, repeat=repeat)
-    results.add(
-        phase="prefill",
-        shape=name,
-        batch=groups,
-        tokens=groups * steps,
-        dtype=str(dtype)[6:],
-        case="per-sequence budgets",
-        backend="sdpa",
-        ours_ms=ours_ms,
-        dense_ms=dense_ms,
-        sliced_ms=None,
-        fraction_of_dense=ours_ms / dense_ms,
-        ideal_fraction=ideal,
-        vs_ideal=ours_ms / (ideal * dense_ms),
-        vs_sliced=None,
-    )
+    common = {
+        "phase": "prefill",
+        "shape": name,
+        "batch": groups,
+        "tokens": groups * steps,
+        "dtype": str(dtype)[6:],
+    }
+    add_row(results, common, "per-sequence budgets", "sdpa", ours_ms, dense_ms, ideal)
 
 
 def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat):
@@ -212,48 +209,21 @@ def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repe
         else:
             heads, sliced_ms = layer.head_counts[choice_arg].reshape(-1), None
         ideal = layer_flops(shape, heads, keys) / full_flops
-        results.add(
-            **common,
-            case=case,
-            backend=backend,
-            ours_ms=ours_ms,
-            dense_ms=dense_ms,
-            sliced_ms=sliced_ms,
-            fraction_of_dense=ours_ms / dense_ms,
-            ideal_fraction=ideal,
-            vs_ideal=ours_ms / (ideal * dense_ms),
-            vs_sliced=ours_ms / sliced_ms if sliced_ms else None,
-        )
+        add_row(results, common, case, backend, ours_ms, dense_ms, ideal, sliced_ms)
     layer.attention_backend = "sdpa"
 
 
 def plot(json_path: Path, out: Path) -> Path:
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     data = json.loads(json_path.read_text())
     rows = data["rows"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(rows)), 5))
-    xs = range(len(rows))
     labels = [f"{r['phase']} {r['shape']} T={r['tokens']}\n{r['case']} [{r['backend']}]" for r in rows]
-    ax.bar([x - 0.2 for x in xs], [r["ideal_fraction"] for r in rows], 0.4, label="ideal (FLOP share)")
-    ax.bar([x + 0.2 for x in xs], [r["fraction_of_dense"] for r in rows], 0.4, label="flextron")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
-    ax.set_ylabel("time / dense full-width attention time (lower is better)")
-    ax.set_title(
-        f"elastic attention on {data['device_name']}\n{data['date']}, torch {data['torch_version']}",
-        fontsize=9,
+    series = {
+        "ideal (FLOP share)": [r["ideal_fraction"] for r in rows],
+        "flextron": [r["fraction_of_dense"] for r in rows],
+    }
+    return save_bar_plots(
+        [(data, labels, series, "time / dense full-width attention time (lower is better)")], out
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def main(argv: list[str] | None = None) -> Path:

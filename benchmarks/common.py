@@ -159,3 +159,33 @@ def run_mlp_shape_sweep(
     path = results.write(args.out or default_out_dir(args.device))
     print(f"wrote {path}")
     return path
+
+
+def save_bar_plots(panels: list[tuple[dict, list[str], dict[str, list[float]], str]], out: Path) -> Path:
+    """One bar chart per ``(results JSON, labels, {series: values}, y label)`` side by side,
+    with the dense baseline at 1.0 and the run's device and date in each title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widest = max(len(labels) for _, labels, _, _ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 0.35 * widest) * len(panels), 5), squeeze=False)
+    for ax, (data, labels, series, ylabel) in zip(axes[0], panels, strict=True):
+        xs = list(range(len(labels)))
+        width = 0.8 / len(series)
+        for k, (name, values) in enumerate(series.items()):
+            offset = (k - (len(series) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], values, width, label=name)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(xs, labels, fontsize=6, rotation=90)
+        ax.set_ylabel(ylabel)
+        ax.set_title(
+            f"{data['benchmark']} on {data['device_name']}\n{data['date']}, torch {data['torch_version']}",
+            fontsize=9,
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

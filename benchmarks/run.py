@@ -14,42 +14,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_elastic_attention, bench_elastic_mlp, bench_nested_linear
-from benchmarks.common import default_out_dir
+from benchmarks.common import default_out_dir, save_bar_plots
 
 
 def plot(json_paths: list[Path], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(json_paths), figsize=(7 * len(json_paths), 5), squeeze=False)
-    for ax, path in zip(axes[0], json_paths, strict=True):
+    panels = []
+    for path in json_paths:
         data = json.loads(path.read_text())
         rows = data["rows"]
         labels = [
             f"{r.get('op', 'mlp').replace('nested_', '')}\n{r['shape']} T={r['tokens']}\n{r['mix']}"
             for r in rows
         ]
-        ideal = [r.get("ideal_fraction", r.get("mean_fraction")) for r in rows]
-        ours = [r["fraction_of_dense"] for r in rows]
-        loop = [r["loop_ms"] / r["dense_ms"] for r in rows]
-        xs = range(len(rows))
-        ax.bar([x - 0.27 for x in xs], ideal, 0.27, label="ideal (FLOP share)")
-        ax.bar(list(xs), ours, 0.27, label="flextron")
-        ax.bar([x + 0.27 for x in xs], loop, 0.27, label="per-group torch loop")
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
-        ax.set_ylabel("time / dense full-width time (lower is better)")
-        ax.set_title(
-            f"{data['benchmark']} on {data['device_name']}\n{data['date']}, torch {data['torch_version']}",
-            fontsize=9,
-        )
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+        series = {
+            "ideal (FLOP share)": [r.get("ideal_fraction", r.get("mean_fraction")) for r in rows],
+            "flextron": [r["fraction_of_dense"] for r in rows],
+            "per-group torch loop": [r["loop_ms"] / r["dense_ms"] for r in rows],
+        }
+        panels.append((data, labels, series, "time / dense full-width time (lower is better)"))
+    return save_bar_plots(panels, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,3 +47,31 @@ def require_embedded() -> None:
         if IN_CI:
             raise
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face directory, with the embedded model's
+    tokenizer (so the CLI can run on it end to end in seconds)."""
+    require_embedded()
+    transformers = require_module("transformers")
+    from flextron import data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(data.embedded_model_dir())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

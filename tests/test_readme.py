@@ -27,3 +27,20 @@ def test_attention_example_runs():
     exec(compile(code.group(1), str(README), "exec"), namespace)
     assert namespace["step"].shape == (2, 1, 576)
     assert namespace["cache"].length == 17
+
+
+def test_model_example_runs(tiny_model_dir, tmp_path):
+    code = re.search(r"In Python \(after the main job[^\n]*\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert code is not None, "README has no elastic-model python block"
+    from flextron import cli
+
+    checkpoint = tmp_path / "elastic"
+    argv = ["convert", "--model", str(tiny_model_dir), "--out", str(checkpoint), "--quiet"]
+    assert cli.main([*argv, "--seq-len", "64", "--calib-tokens", "256", "--head-widths", "4,2"]) == 0
+    source = code.group(1).replace('"runs/smollm2-elastic"', repr(str(checkpoint)))
+    namespace: dict = {}
+    exec(compile(source, str(README), "exec"), namespace)
+    assert (
+        namespace["tokens"].shape[0] == 2
+        and namespace["tokens"].shape[1] > namespace["batch"].input_ids.shape[1]
+    )

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from flextron.checkpoint import atomic_write_json, save_elastic
 from flextron.data import Text, token_windows
+from flextron.evaluate import mean_loss
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
 from flextron.rope import RopeScaling
 
@@ -355,28 +356,15 @@ def permute_by_importance(model: ElasticLM, scores: Importance) -> None:
         attn.o_proj.weight.copy_(attn.o_proj.weight[:, columns])
 
 
-@torch.no_grad()
 def uniform_losses(model: ElasticLM, batches: Sequence[Tensor], progress: bool = True) -> list[UniformLoss]:
     """Mean next-token loss of every uniform sub-network (one MLP and one head choice in all
     layers) on ``batches``: the table budgets are resolved with before routers exist."""
-    from torch.nn import functional as F
-
-    device = next(model.parameters()).device
     config = model.config
     pairs = [(m, a) for m in range(len(config.mlp_widths)) for a in range(len(config.head_choices))]
-    results = []
-    for m, a in tqdm(pairs, desc="sub-network losses", unit="net", disable=not progress):
-        routing = Routing.uniform(config.num_layers, m, a)
-        total, count = 0.0, 0
-        for batch in batches:
-            batch = batch.to(device)
-            logits = model(batch, routing)[:, :-1]
-            total += F.cross_entropy(
-                logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-            ).item()
-            count += batch[:, 1:].numel()
-        results.append(UniformLoss(m, a, total / count))
-    return results
+    return [
+        UniformLoss(m, a, mean_loss(model, batches, Routing.uniform(config.num_layers, m, a))[0])
+        for m, a in tqdm(pairs, desc="sub-network losses", unit="net", disable=not progress)
+    ]
 
 
 # ---------------------------------------------------------------------------------------

@@ -107,12 +107,15 @@ class ElasticConfig:
 class Routing:
     """Per-layer width choices: ``mlp[i]`` indexes ``config.mlp_widths`` and ``attention[i]``
     indexes ``config.head_choices`` for layer ``i`` (an int, a ``[B]`` or a ``[B, S]``
-    tensor). ``mlp_scale[i]`` (optional, one entry per token) multiplies an MLP's output,
-    e.g. by a router's probability."""
+    tensor). ``mlp_scale[i]`` / ``attention_scale[i]`` (optional: a scalar tensor for the
+    layer, or ``[B, S]`` per token) multiply that block's output: a router's probability of
+    its choice, which is 1 in the forward pass with straight-through Gumbel-softmax and
+    carries the router's gradient."""
 
     mlp: Sequence[Choice]
     attention: Sequence[Choice]
     mlp_scale: Sequence[Tensor | None] | None = None
+    attention_scale: Sequence[Tensor | None] | None = None
 
     @classmethod
     def uniform(cls, num_layers: int, mlp: Choice = 0, attention: Choice = 0) -> Routing:
@@ -222,18 +225,26 @@ class Block(nn.Module):
         mlp_choice: Choice,
         attention_choice: Choice,
         mlp_scale: Tensor | None,
+        attention_scale: Tensor | None,
         attention_mask: Tensor | None,
         cache: KVCache | None,
         rotary: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
-        x = x + self.attention(
+        attended = self.attention(
             self.attention_norm(x),
             attention_choice,
             attention_mask=attention_mask,
             cache=cache,
             position_embeddings=rotary,
         )
-        return x + self.mlp(self.mlp_norm(x), mlp_choice, scale=mlp_scale)
+        x = x + _scaled(attended, attention_scale)
+        return x + _scaled(self.mlp(self.mlp_norm(x), mlp_choice), mlp_scale)
+
+
+def _scaled(y: Tensor, scale: Tensor | None) -> Tensor:
+    if scale is None:
+        return y
+    return y * (scale[..., None] if scale.dim() else scale).to(y.dtype)
 
 
 class ElasticLM(nn.Module):
@@ -319,7 +330,8 @@ class ElasticLM(nn.Module):
         if self.rotary is not None:
             rotary = self.rotary(position_ids)
         hidden_states = []
-        scales = routing.mlp_scale or [None] * config.num_layers
+        mlp_scales = routing.mlp_scale or [None] * config.num_layers
+        attention_scales = routing.attention_scale or [None] * config.num_layers
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x)
@@ -327,7 +339,8 @@ class ElasticLM(nn.Module):
                 x,
                 routing.mlp[i],
                 routing.attention[i],
-                scales[i],
+                mlp_scales[i],
+                attention_scales[i],
                 attention_mask,
                 caches[i] if caches is not None else None,
                 rotary,
