@@ -75,12 +75,21 @@ def model_tensors(model: ElasticLM) -> dict[str, torch.Tensor]:
 
 
 def save_elastic(
-    model: ElasticLM, directory: str | Path, metadata: dict[str, Any] | None = None, tokenizer=None
+    model: ElasticLM,
+    directory: str | Path,
+    metadata: dict[str, Any] | None = None,
+    tokenizer=None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` (+ ``metadata`` and the tokenizer) to ``directory``."""
+    """Write ``model`` (+ ``metadata`` and the tokenizer) to ``directory``. ``tensors``
+    replaces the model's own state dict (e.g. one gathered from FSDP shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(directory / WEIGHTS, model_tensors(model), {"format": FORMAT})
+    if tensors is None:
+        tensors = model_tensors(model)
+    elif model.config.tie_embeddings:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    atomic_save_tensors(directory / WEIGHTS, tensors, {"format": FORMAT})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     record = {

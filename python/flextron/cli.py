@@ -1,4 +1,4 @@
-"""The ``flextron`` command line: convert, export, generate, eval.
+"""The ``flextron`` command line: convert, export, generate, eval, train, lut.
 
 User errors (missing files, bad values, unsupported models) print one line and exit with
 status 2; anything else is a bug and keeps its traceback.
@@ -169,13 +169,63 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {png_path}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from flextron.train import TrainConfig, train
+
+    overrides = {
+        "stage": args.stage,
+        "steps": args.steps,
+        "budgets": tuple(args.budgets) if args.budgets else None,
+        "device": _device(args.device) if args.device else None,
+        "seed": args.seed,
+        "lut": args.lut,
+    }
+    if args.config:
+        config = TrainConfig.from_file(args.config, **overrides)
+    else:
+        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    result = train(
+        config,
+        args.checkpoint,
+        _texts(args.data, "train"),
+        args.out,
+        eval_texts=_texts(args.eval_data, "eval"),
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    if result.evaluations:
+        last = result.evaluations[-1]
+        print(
+            f"step {last['step']}: "
+            + ", ".join(f"budget {b}: perplexity {v['perplexity']:.2f}" for b, v in last["budgets"].items())
+        )
+    print(
+        f"wrote checkpoints to {result.out_dir} (latest: {(result.out_dir / 'latest').read_text().strip()})"
+    )
+
+
+def cmd_lut(args: argparse.Namespace) -> None:
+    from flextron.latency import measure
+
+    device = _device(args.device)
+    model, _, _ = _load(args.checkpoint, device, _dtype(args.dtype))
+    table = measure(model, args.batch_size, args.seq_len, args.phase, progress=not args.quiet)
+    path = table.save(args.out)
+    print(f"{table.phase} latency on {table.device_name}, batch {table.batch_size} x {table.seq_len}:")
+    print(
+        f"  fixed {table.fixed_ms:.3f} ms; per layer MLP {[round(v, 3) for v in table.mlp_ms]} ms, "
+        f"attention {[round(v, 3) for v in table.attention_ms]} ms; full model {table.full_ms():.2f} ms"
+    )
+    print(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------------------
 # Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flextron", description="Nested elastic LLMs: convert, export, generate, eval."
+        prog="flextron", description="Nested elastic LLMs: convert, export, generate, eval, train, lut."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -224,6 +274,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where perplexity.json/.png go (default: CHECKPOINT/eval)")
     _common(p)
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("train", help="elastic training, router training, or both jointly")
+    p.add_argument(
+        "--stage", choices=("elastic", "routers", "joint"), help="default: the config's, else elastic"
+    )
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint to start from")
+    p.add_argument("--data", help="training text: a .txt file or a directory (default: Shakespeare)")
+    p.add_argument("--eval-data", help="held-out text (default: held-out Shakespeare)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, latency.json)")
+    p.add_argument("--config", help="a TOML or YAML file of training settings (flextron.train.TrainConfig)")
+    p.add_argument("--budgets", type=_float_list, help="trained budgets (latency fractions), e.g. 1,0.75,0.5")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lut", help="a latency table from `flextron lut` (default: measured at the start)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the config's, else cpu)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("lut", help="measure the latency lookup table on this device")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256, help="prefill: tokens; decode: cached tokens")
+    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill")
+    p.add_argument("--dtype", default="float32")
+    _common(p)
+    p.set_defaults(run=cmd_lut)
     return parser
 
 
@@ -232,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flextron.convert import UnsupportedModelError
 
     args = build_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if args.seed is not None else 0)
     try:
         args.run(args)
     except (

@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +104,23 @@ class ElasticConfig:
 
 
 @dataclass
+class LayerRoute:
+    """One layer's choices (and optional output scales), as :meth:`ElasticLM.forward` uses them."""
+
+    mlp: Choice
+    attention: Choice
+    mlp_scale: Tensor | None = None
+    attention_scale: Tensor | None = None
+
+
+class DynamicRouting(Protocol):
+    """A routing decided while the model runs, from each layer's input hidden states
+    ``[B, S, H]`` (token routers)."""
+
+    def layer(self, index: int, x: Tensor) -> LayerRoute: ...
+
+
+@dataclass
 class Routing:
     """Per-layer width choices: ``mlp[i]`` indexes ``config.mlp_widths`` and ``attention[i]``
     indexes ``config.head_choices`` for layer ``i`` (an int, a ``[B]`` or a ``[B, S]``
@@ -120,6 +137,23 @@ class Routing:
     @classmethod
     def uniform(cls, num_layers: int, mlp: Choice = 0, attention: Choice = 0) -> Routing:
         return cls([mlp] * num_layers, [attention] * num_layers)
+
+    def check(self, num_layers: int) -> None:
+        lengths = [len(self.mlp), len(self.attention)]
+        lengths += [len(s) for s in (self.mlp_scale, self.attention_scale) if s is not None]
+        if any(n != num_layers for n in lengths):
+            raise ValueError(
+                f"routing needs one MLP and one attention choice per layer ({num_layers}), "
+                f"got {len(self.mlp)} and {len(self.attention)}"
+            )
+
+    def layer(self, index: int, x: Tensor) -> LayerRoute:
+        return LayerRoute(
+            self.mlp[index],
+            self.attention[index],
+            self.mlp_scale[index] if self.mlp_scale is not None else None,
+            self.attention_scale[index] if self.attention_scale is not None else None,
+        )
 
     def is_static(self) -> bool:
         return all(isinstance(c, int) for c in itertools.chain(self.mlp, self.attention))
@@ -222,23 +256,20 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mlp_choice: Choice,
-        attention_choice: Choice,
-        mlp_scale: Tensor | None,
-        attention_scale: Tensor | None,
+        route: LayerRoute,
         attention_mask: Tensor | None,
         cache: KVCache | None,
         rotary: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         attended = self.attention(
             self.attention_norm(x),
-            attention_choice,
+            route.attention,
             attention_mask=attention_mask,
             cache=cache,
             position_embeddings=rotary,
         )
-        x = x + _scaled(attended, attention_scale)
-        return x + _scaled(self.mlp(self.mlp_norm(x), mlp_choice), mlp_scale)
+        x = x + _scaled(attended, route.attention_scale)
+        return x + _scaled(self.mlp(self.mlp_norm(x), route.mlp), route.mlp_scale)
 
 
 def _scaled(y: Tensor, scale: Tensor | None) -> Tensor:
@@ -294,7 +325,7 @@ class ElasticLM(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        routing: Routing | None = None,
+        routing: Routing | DynamicRouting | None = None,
         *,
         attention_mask: Tensor | None = None,
         caches: Sequence[KVCache] | None = None,
@@ -309,11 +340,8 @@ class ElasticLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         config = self.config
         routing = routing or Routing.uniform(config.num_layers)
-        if len(routing.mlp) != config.num_layers or len(routing.attention) != config.num_layers:
-            raise ValueError(
-                f"routing needs one MLP and one attention choice per layer ({config.num_layers}), "
-                f"got {len(routing.mlp)} and {len(routing.attention)}"
-            )
+        if isinstance(routing, Routing):
+            routing.check(config.num_layers)
         if caches is not None and len(caches) != config.num_layers:
             raise ValueError(
                 f"caches must hold one KVCache per layer ({config.num_layers}), got {len(caches)}"
@@ -330,17 +358,12 @@ class ElasticLM(nn.Module):
         if self.rotary is not None:
             rotary = self.rotary(position_ids)
         hidden_states = []
-        mlp_scales = routing.mlp_scale or [None] * config.num_layers
-        attention_scales = routing.attention_scale or [None] * config.num_layers
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x)
             x = layer(
                 x,
-                routing.mlp[i],
-                routing.attention[i],
-                mlp_scales[i],
-                attention_scales[i],
+                routing.layer(i, x),
                 attention_mask,
                 caches[i] if caches is not None else None,
                 rotary,
@@ -362,7 +385,7 @@ class ElasticLM(nn.Module):
         self,
         input_ids: Tensor,
         max_new_tokens: int,
-        routing: Routing | None = None,
+        routing: Routing | DynamicRouting | None = None,
         *,
         attention_mask: Tensor | None = None,
         temperature: float = 0.0,
@@ -379,9 +402,12 @@ class ElasticLM(nn.Module):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         routing = routing or Routing.uniform(self.config.num_layers)
-        for choice in itertools.chain(routing.mlp, routing.attention):
-            if isinstance(choice, Tensor) and choice.dim() != 1:
-                raise ValueError("generate needs a static or per-sequence routing (ints or [B] tensors)")
+        if isinstance(routing, Routing):
+            for choice in itertools.chain(routing.mlp, routing.attention):
+                if isinstance(choice, Tensor) and choice.dim() != 1:
+                    raise ValueError(
+                        "generate needs a static or per-sequence routing (ints or [B] tensors), or token routers"
+                    )
         batch, prompt = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

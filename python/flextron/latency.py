@@ -1,0 +1,163 @@
+"""A latency lookup table: the measured time of one transformer layer's attention and MLP at
+each width choice, on the current device, at given batch and sequence shapes, timed with the
+library's own kernels (warm-up, then the median). Routers use it to predict the latency of
+a routing: ``fixed + sum over layers of sum over choices p(choice) * time(choice)``, which
+is differentiable in the router probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flextron.checkpoint import atomic_write_json
+from flextron.model import ElasticLM
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass
+class LatencyTable:
+    """Milliseconds per layer for each MLP width choice and head choice, plus the fixed part
+    (embeddings, final norm, output head) of one forward pass."""
+
+    device: str
+    device_name: str
+    dtype: str
+    phase: Phase
+    batch_size: int
+    seq_len: int  # prefill: tokens per sequence; decode: cached tokens
+    num_layers: int
+    mlp_ms: list[float]
+    attention_ms: list[float]
+    fixed_ms: float
+
+    def expected_ms(self, mlp_probs: Tensor, attention_probs: Tensor) -> Tensor:
+        """Expected latency of a routing given per-layer choice probabilities
+        (``[layers, choices]``; per-token probabilities averaged over tokens first)."""
+        mlp = torch.as_tensor(self.mlp_ms, dtype=mlp_probs.dtype, device=mlp_probs.device)
+        attention = torch.as_tensor(
+            self.attention_ms, dtype=attention_probs.dtype, device=attention_probs.device
+        )
+        return self.fixed_ms + (mlp_probs * mlp).sum() + (attention_probs * attention).sum()
+
+    def uniform_ms(self, mlp_choice: int, attention_choice: int) -> float:
+        return self.fixed_ms + self.num_layers * (
+            self.mlp_ms[mlp_choice] + self.attention_ms[attention_choice]
+        )
+
+    def full_ms(self) -> float:
+        return self.uniform_ms(0, 0)
+
+    def save(self, path: str | Path) -> Path:
+        atomic_write_json(Path(path), asdict(self))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"latency table {path} does not exist (build one with `flextron lut`)"
+            ) from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path} is not a latency table: {e}") from None
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@torch.no_grad()
+def measure(
+    model: ElasticLM,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    phase: Phase = "prefill",
+    warmup: int = 2,
+    repeat: int = 7,
+    progress: bool = True,
+) -> LatencyTable:
+    """Time layer 0 of ``model`` (every layer has the same shapes) at each choice, and the
+    fixed part, on the model's device and dtype."""
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    if batch_size <= 0 or seq_len <= 0:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    weight = model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    config = model.config
+    layer = model.layers[0]
+    steps = seq_len if phase == "prefill" else 1
+    x = torch.randn(batch_size, steps, config.hidden_size, device=device, dtype=dtype)
+    positions = torch.arange(seq_len - steps, seq_len, device=device).expand(batch_size, steps)
+    rotary = model.rotary(positions) if model.rotary is not None else None
+    cache = None
+    if phase == "decode":
+        cache = layer.attention.new_cache(batch_size, seq_len)
+        cache.k.normal_()
+        cache.v.normal_()
+
+    def attention(choice: int):
+        if cache is not None:
+            cache.length = seq_len - 1
+        return layer.attention(layer.attention_norm(x), choice, cache=cache, position_embeddings=rotary)
+
+    cases = [("mlp", c) for c in range(len(config.mlp_widths))]
+    cases += [("attention", c) for c in range(len(config.head_choices))]
+    times: dict[str, list[float]] = {"mlp": [], "attention": []}
+    for kind, choice in tqdm(cases, desc=f"latency table ({phase})", disable=not progress):
+        fn = (
+            (lambda c=choice: layer.mlp(layer.mlp_norm(x), c))
+            if kind == "mlp"
+            else (lambda c=choice: attention(c))
+        )
+        times[kind].append(_median_ms(fn, device, warmup, repeat))
+    ids = torch.randint(0, config.vocab_size, (batch_size, steps), device=device)
+
+    def fixed():
+        h = model.embed_tokens(ids)
+        if model.embed_positions is not None:
+            h = h + model.embed_positions(positions)
+        return model.lm_head(model.norm(h))
+
+    return LatencyTable(
+        device=str(device),
+        device_name=device_name(device),
+        dtype=str(dtype).removeprefix("torch."),
+        phase=phase,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        num_layers=config.num_layers,
+        mlp_ms=times["mlp"],
+        attention_ms=times["attention"],
+        fixed_ms=_median_ms(fixed, device, warmup, repeat),
+    )

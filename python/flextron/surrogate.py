@@ -1,0 +1,76 @@
+"""The surrogate model: a small MLP from the routers' probabilities (all layers, both kinds,
+concatenated) to the LM loss the model would have with that routing. It is trained online on
+(router output, measured loss) pairs; routers learn from its prediction (differentiable in
+the probabilities) only while its error on fresh samples is under a threshold.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class Surrogate(nn.Module):
+    def __init__(self, features: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features).squeeze(-1)
+
+
+class SurrogateTrainer:
+    """Keeps the last ``capacity`` samples, fits the surrogate a few steps per new sample and
+    tracks its relative error on each sample *before* fitting it (an honest running
+    estimate: exponential average with ``error_decay``)."""
+
+    def __init__(
+        self,
+        surrogate: Surrogate,
+        lr: float = 3e-3,
+        capacity: int = 512,
+        steps_per_sample: int = 8,
+        batch_size: int = 32,
+        error_decay: float = 0.9,
+    ) -> None:
+        self.surrogate = surrogate
+        self.optimizer = torch.optim.AdamW(surrogate.parameters(), lr=lr)
+        self.samples: collections.deque[tuple[Tensor, float]] = collections.deque(maxlen=capacity)
+        self.steps_per_sample = steps_per_sample
+        self.batch_size = batch_size
+        self.error_decay = error_decay
+        self.error: float | None = None  # running relative error on unseen samples
+
+    def observe(self, features: Tensor, loss: float, generator: torch.Generator | None = None) -> float:
+        """Add one (features, measured loss) pair and fit; returns the mean fit loss."""
+        features = features.detach().float().cpu()
+        with torch.no_grad():
+            predicted = float(self.surrogate(features))
+        relative = abs(predicted - loss) / max(abs(loss), 1e-6)
+        self.error = (
+            relative
+            if self.error is None
+            else self.error_decay * self.error + (1 - self.error_decay) * relative
+        )
+        self.samples.append((features, float(loss)))
+        fit = 0.0
+        for _ in range(self.steps_per_sample):
+            picks = torch.randint(
+                len(self.samples), (min(self.batch_size, len(self.samples)),), generator=generator
+            )
+            x = torch.stack([self.samples[i][0] for i in picks.tolist()])
+            y = torch.tensor([self.samples[i][1] for i in picks.tolist()])
+            step_loss = F.mse_loss(self.surrogate(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss.backward()
+            self.optimizer.step()
+            fit += step_loss.item()
+        return fit / self.steps_per_sample
+
+    def ready(self, threshold: float) -> bool:
+        return self.error is not None and self.error < threshold

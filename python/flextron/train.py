@@ -1,0 +1,708 @@
+"""Training an elastic model, in three stages (Flextron, section 1 of DESIGN.md):
+
+- ``elastic``: continued training of the model; each micro-batch runs a sampled sub-network
+  (with probability ``p_full`` the full model), loss = cross-entropy and/or KL to the frozen
+  full model;
+- ``routers``: model frozen; routers learn from a surrogate model of the LM loss and the
+  latency table: ``SM(p) + latency_weight * |expected_latency(p) / target - 1|``, updated only
+  while the surrogate's error is under ``surrogate_threshold``;
+- ``joint``: model and routers together, LM loss + the latency term, no surrogate.
+
+A router *budget* is a latency target: ``budget * full-width latency`` on the table.
+
+Everything random (data order, sub-network samples, Gumbel noise) is drawn from generators
+seeded by (seed, step, micro-batch, rank), so a resumed run repeats an uninterrupted one
+exactly. Runs under torchrun with DDP or FSDP2 (``parallel``), one data shard per rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from flextron.checkpoint import (
+    CheckpointError,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_elastic,
+    save_elastic,
+)
+from flextron.data import Text, token_windows
+from flextron.evaluate import mean_loss
+from flextron.latency import LatencyTable, measure
+from flextron.model import ElasticLM, Routing
+from flextron.routers import RouterOutput, StaticRouter, TokenRouter
+from flextron.surrogate import Surrogate, SurrogateTrainer
+
+Stage = Literal["elastic", "routers", "joint"]
+ROUTERS_FILE = "routers.safetensors"
+STATE_FILE = "trainer.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; validated on construction, loadable from TOML/YAML."""
+
+    stage: Stage = "elastic"
+    steps: int = 100
+    batch_size: int = 4  # sequences per micro-batch and rank
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 5e-5
+    router_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    clip_norm: float = 1.0
+    seed: int = 0
+    budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
+    p_full: float = 0.25
+    sample: Literal["global", "layer"] = "global"
+    loss: Literal["ce", "kl", "ce+kl"] = "ce"
+    router: Literal["static", "token"] = "static"
+    router_hidden: int = 64
+    temperature_start: float = 1.0
+    temperature_end: float = 0.1
+    latency_weight: float = 1.0
+    surrogate_threshold: float = 0.05
+    eval_every: int = 0  # steps; 0 = at the end only
+    eval_tokens: int = 2048
+    save_every: int = 0  # steps; 0 = at the end only
+    keep_last: int = 2
+    device: str = "cpu"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    lut: str | None = None  # a latency table JSON; default: measured at the start
+    train_tokens: int = 1_000_000  # at most this many tokens of the training text are used
+
+    def __post_init__(self) -> None:
+        self.budgets = tuple(float(b) for b in self.budgets)
+        choices = {
+            "stage": ("elastic", "routers", "joint"),
+            "sample": ("global", "layer"),
+            "loss": ("ce", "kl", "ce+kl"),
+            "router": ("static", "token"),
+            "parallel": ("ddp", "fsdp"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "keep_last",
+            "eval_tokens",
+            "train_tokens",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.p_full <= 1:
+            raise ValueError(f"p_full must be in [0, 1], got {self.p_full}")
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets must be in (0, 1], got {list(self.budgets)}")
+        if not 0 < self.temperature_end <= self.temperature_start:
+            raise ValueError("temperatures must satisfy 0 < temperature_end <= temperature_start")
+        if self.lr <= 0 or self.router_lr <= 0:
+            raise ValueError("learning rates must be positive")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML (or YAML) file of TrainConfig fields; ``overrides`` win."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = tomllib.loads(text)
+        except Exception as e:  # the parsers' own error types differ
+            raise ValueError(f"{path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown} (known: {sorted(known)})")
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)  # per step, averaged over micro-batches
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Small pieces
+
+
+def learning_rate(config: TrainConfig, base: float, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * base``."""
+    if step < config.warmup_steps:
+        return base * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return base * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def temperature(config: TrainConfig, step: int) -> float:
+    """Exponential annealing from ``temperature_start`` to ``temperature_end``."""
+    fraction = step / max(1, config.steps - 1)
+    return config.temperature_start * (config.temperature_end / config.temperature_start) ** fraction
+
+
+def generator_for(config: TrainConfig, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
+    """A generator that depends only on its arguments (so a resumed run draws the same)."""
+    seed = (((config.seed * 1_000_003 + step) * 1009 + micro) * 101 + rank) * 7 + purpose
+    return torch.Generator().manual_seed(seed % (2**63))
+
+
+def sample_subnetwork(config: TrainConfig, model_config, generator: torch.Generator) -> Routing:
+    layers = model_config.num_layers
+    if torch.rand((), generator=generator) < config.p_full:
+        return Routing.uniform(layers)
+    mlp_choices, head_choices = len(model_config.mlp_widths), len(model_config.head_choices)
+    count = 1 if config.sample == "global" else layers
+    mlp = torch.randint(mlp_choices, (count,), generator=generator).tolist()
+    attention = torch.randint(head_choices, (count,), generator=generator).tolist()
+    if count == 1:
+        return Routing.uniform(layers, mlp[0], attention[0])
+    return Routing(mlp, attention)
+
+
+def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def kl_to_teacher(logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    student = F.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def routing_from(output: RouterOutput) -> Routing:
+    return Routing(output.mlp_choice, output.attention_choice, output.mlp_scale, output.attention_scale)
+
+
+def latency_penalty(table: LatencyTable, output: RouterOutput, budget: float) -> tuple[Tensor, Tensor]:
+    expected = table.expected_ms(output.mlp_probs, output.attention_probs)
+    return (expected / (budget * table.full_ms()) - 1).abs(), expected
+
+
+class Windows:
+    """Training token windows; the order is a fixed permutation per epoch, and each rank
+    reads its own slice of every global batch."""
+
+    def __init__(self, tokens: Tensor, seed: int) -> None:
+        self.tokens, self.seed = tokens, seed
+
+    def batch(self, index: int, batch_size: int, rank: int, world: int) -> Tensor:
+        per_epoch = self.tokens.shape[0]
+        start = (index * world + rank) * batch_size
+        rows = []
+        for position in range(start, start + batch_size):
+            epoch, offset = divmod(position, per_epoch)
+            order = torch.randperm(
+                per_epoch, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            )
+            rows.append(self.tokens[order[offset]])
+        return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = out_dir / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        checkpoint: str | Path,
+        texts: Sequence[Text],
+        out_dir: str | Path,
+        eval_texts: Sequence[Text] = (),
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device} was asked for, but no CUDA GPU is available")
+
+        source = Path(checkpoint)
+        self.start_step = 0
+        resume_from = latest_checkpoint(self.out_dir) if resume else None
+        if resume and resume_from is None:
+            raise CheckpointError(f"--resume: {self.out_dir} holds no checkpoint to resume from")
+        self.model, self.record = load_elastic(resume_from or source, device=self.device)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resume_from or source, local_files_only=True)
+        eos = self.model.config.eos_token_id
+        windows = list(
+            token_windows(self.tokenizer, texts, config.seq_len, config.train_tokens, 1 << 30, eos)
+        )
+        self.windows = Windows(windows[0], config.seed)
+        self.probe = windows[0][: max(config.batch_size, 4)]  # the router stage's fixed batch
+        self.eval_batches = (
+            list(
+                token_windows(
+                    self.tokenizer, eval_texts, config.seq_len, config.eval_tokens, config.batch_size, eos
+                )
+            )
+            if eval_texts
+            else []
+        )
+
+        model_config = self.model.config
+        self.router: StaticRouter | TokenRouter | None = None
+        if config.stage in ("routers", "joint"):
+            kind = StaticRouter if config.router == "static" else TokenRouter
+            self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
+            saved = (resume_from or source) / ROUTERS_FILE
+            if saved.is_file() and self._router_meta(resume_from or source) == self._router_signature():
+                self.router.load_state_dict(load_file(saved, device=str(self.device)))
+
+        self.teacher = None
+        if config.stage == "elastic" and "kl" in config.loss:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+        train_model = config.stage in ("elastic", "joint")
+        self.model.requires_grad_(train_model)
+        self.model.train(train_model)
+        self.trained_model = self._parallel(self.model) if train_model else self.model
+        groups = []
+        if train_model:
+            groups.append({"params": [p for p in self.model.parameters()], "lr": config.lr, "name": "model"})
+        if self.router is not None:
+            groups.append(
+                {"params": list(self.router.parameters()), "lr": config.router_lr, "name": "router"}
+            )
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+        self.table: LatencyTable | None = None
+        self.surrogate: SurrogateTrainer | None = None
+        if self.router is not None:
+            self.table = self._latency_table(resume_from)
+            if config.stage == "routers":
+                features = model_config.num_layers * (
+                    len(model_config.mlp_widths) + len(model_config.head_choices)
+                )
+                torch.manual_seed(config.seed)
+                self.surrogate = SurrogateTrainer(Surrogate(features))
+
+        self.result = TrainResult(self.out_dir)
+        if resume_from is not None:
+            self._load_training_state(resume_from)
+
+    # -- setup helpers --------------------------------------------------------------
+
+    def _parallel(self, model: ElasticLM) -> nn.Module:
+        if self.world == 1:
+            return model
+        if self.config.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
+
+    def _router_signature(self) -> dict[str, Any]:
+        return {
+            "kind": self.config.router,
+            "budgets": list(self.config.budgets),
+            "hidden": self.config.router_hidden,
+        }
+
+    @staticmethod
+    def _router_meta(directory: Path) -> dict[str, Any] | None:
+        path = directory / "flextron.json"
+        return json.loads(path.read_text()).get("routers") if path.is_file() else None
+
+    def _latency_table(self, resume_from: Path | None) -> LatencyTable:
+        saved = self.out_dir / "latency.json"
+        if resume_from is not None and saved.is_file():
+            return LatencyTable.load(saved)  # the same table as the interrupted run
+        if self.config.lut:
+            table = LatencyTable.load(self.config.lut)
+        else:
+            table = measure(self.model, self.config.batch_size, self.config.seq_len, progress=self.progress)
+        if table.num_layers != self.model.config.num_layers or len(table.mlp_ms) != len(
+            self.model.config.mlp_widths
+        ):
+            raise ValueError(
+                "the latency table was measured for another model (layers or width choices differ)"
+            )
+        if self.rank == 0:
+            table.save(saved)
+        return table
+
+    # -- one step -------------------------------------------------------------------
+
+    def step(self, step: int) -> tuple[float, dict[str, float]]:
+        config = self.config
+        for group in self.optimizer.param_groups:
+            base = config.lr if group["name"] == "model" else config.router_lr
+            group["lr"] = learning_rate(config, base, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, info = 0.0, {}
+        for micro in range(config.grad_accum):
+            ids = self.windows.batch(
+                step * config.grad_accum + micro, config.batch_size, self.rank, self.world
+            )
+            ids = ids.to(self.device)
+            sample_gen = generator_for(config, step, micro, self.rank, 0)
+            noise_gen = generator_for(config, step, micro, self.rank, 1)
+            if config.stage == "elastic":
+                loss = self._elastic_loss(ids, sample_gen)
+            elif config.stage == "routers":
+                loss, info = self._router_loss(ids, step, sample_gen, noise_gen)
+            else:
+                loss, info = self._joint_loss(ids, step, sample_gen, noise_gen)
+            if loss.requires_grad:
+                (loss / config.grad_accum).backward()
+            total += float(info.get("lm_loss", loss.item())) / config.grad_accum
+        self._reduce_router_grads()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+            self.optimizer.step()
+        return total, info
+
+    def _elastic_loss(self, ids: Tensor, generator: torch.Generator) -> Tensor:
+        routing = sample_subnetwork(self.config, self.model.config, generator)
+        with self._autocast():
+            logits = self.trained_model(ids, routing)
+            loss = lm_loss(logits, ids) if "ce" in self.config.loss else logits.new_zeros(())
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(ids)
+                loss = loss + kl_to_teacher(logits, teacher_logits)
+        return loss
+
+    def _budget(self, generator: torch.Generator) -> float:
+        return self.config.budgets[int(torch.randint(len(self.config.budgets), (), generator=generator))]
+
+    def _route(self, budget: float, step: int, generator: torch.Generator):
+        tau = temperature(self.config, step)
+        if isinstance(self.router, StaticRouter):
+            output = self.router(budget, tau, generator)
+            return routing_from(output), output
+        routing = self.router.route(budget, tau, generator)
+        return routing, None
+
+    def _router_loss(self, ids, step, sample_gen, noise_gen) -> tuple[Tensor, dict[str, float]]:
+        # The frozen model's loss is measured on one fixed probe batch, so that it depends on
+        # the routing alone and the surrogate can learn it (batch-to-batch noise would not fit).
+        budget = self._budget(sample_gen)
+        routing, output = self._route(budget, step, noise_gen)
+        probe = self.probe.to(self.device)
+        with torch.no_grad() if output is not None else torch.enable_grad(), self._autocast():
+            measured = lm_loss(self.model(probe, routing), probe).item()
+        output = output or routing.output()
+        fit = 0.0
+        for features, loss in self._gather(output.features().detach(), measured):
+            fit = self.surrogate.observe(features, loss, generator=sample_gen)
+        penalty, expected = latency_penalty(self.table, output, budget)
+        info = {"lm_loss": measured, "latency_ms": expected.item(), "budget": budget, "surrogate_fit": fit}
+        info["surrogate_error"] = self.surrogate.error or 0.0
+        if not self.surrogate.ready(self.config.surrogate_threshold):
+            return penalty.detach(), info  # routers wait for a surrogate they can trust
+        predicted = self.surrogate.surrogate(output.features().float())
+        return predicted + self.config.latency_weight * penalty, info
+
+    def _gather(self, features: Tensor, loss: float) -> list[tuple[Tensor, float]]:
+        """Every rank's (features, measured loss), in rank order: each rank fits its own copy
+        of the surrogate on the same samples, so the copies stay identical."""
+        if self.world == 1:
+            return [(features, loss)]
+        all_features = [torch.empty_like(features) for _ in range(self.world)]
+        dist.all_gather(all_features, features.contiguous())
+        all_losses = [torch.zeros((), dtype=torch.float64, device=features.device) for _ in range(self.world)]
+        dist.all_gather(all_losses, torch.tensor(loss, dtype=torch.float64, device=features.device))
+        return [(f, float(v)) for f, v in zip(all_features, all_losses, strict=True)]
+
+    def _joint_loss(self, ids, step, sample_gen, noise_gen) -> tuple[Tensor, dict[str, float]]:
+        budget = self._budget(sample_gen)
+        routing, output = self._route(budget, step, noise_gen)
+        with self._autocast():
+            loss = lm_loss(self.trained_model(ids, routing), ids)
+        output = output or routing.output()
+        penalty, expected = latency_penalty(self.table, output, budget)
+        info = {"lm_loss": loss.item(), "latency_ms": expected.item(), "budget": budget}
+        return loss + self.config.latency_weight * penalty, info
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _reduce_router_grads(self) -> None:
+        """Average router gradients across ranks (the model's are reduced by DDP/FSDP)."""
+        if self.world == 1 or self.router is None:
+            return
+        for p in self.router.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
+
+    # -- evaluation and checkpoints -------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out loss per trained budget: with the routers (argmax) when there are any,
+        else with the uniform sub-network table of the checkpoint."""
+        from flextron.convert import stored_losses
+        from flextron.model import choices_for_budget
+
+        was_training = self.model.training
+        self.model.eval()
+        row: dict[str, Any] = {}
+        for budget in self.config.budgets:
+            if self.router is None:  # the uniform table; a budget under the smallest net runs the smallest
+                config = self.model.config
+                smallest = config.layer_params(
+                    config.mlp_widths[-1], config.head_choices[-1]
+                ) / config.layer_params(config.mlp_widths[0], config.head_choices[0])
+                choice = choices_for_budget(config, max(budget, smallest), stored_losses(self.record))
+                routing, latency = (
+                    Routing.uniform(self.model.config.num_layers, choice.mlp, choice.attention),
+                    None,
+                )
+            elif isinstance(self.router, StaticRouter):
+                output = self.router(budget)
+                routing, latency = (
+                    routing_from(output),
+                    self.table.expected_ms(output.mlp_probs, output.attention_probs),
+                )
+            else:
+                routing, latency = self.router.route(budget), None
+            loss, _ = mean_loss(self.model, self.eval_batches, routing)
+            if latency is None and self.table is not None and not isinstance(routing, Routing):
+                out = routing.output()
+                latency = self.table.expected_ms(out.mlp_probs, out.attention_probs)
+            row[f"{budget:g}"] = {"loss": loss, "perplexity": math.exp(loss)}
+            if latency is not None:
+                row[f"{budget:g}"]["latency_ms"] = float(latency)
+                row[f"{budget:g}"]["latency_target_ms"] = budget * self.table.full_ms()
+        self.model.train(was_training)
+        return row
+
+    def _full_model_state(self) -> dict[str, Tensor] | None:
+        """The whole model's weights (gathered from the FSDP shards on every rank)."""
+        if self.world > 1 and self.config.parallel == "fsdp" and self.trained_model is self.model:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.model, options=options)
+        return None
+
+    def save(self, step: int) -> Path | None:
+        model_state = self._full_model_state()  # a collective: every rank takes part
+        if self.rank != 0:
+            return None
+        name = f"checkpoint-{step + 1:06d}"
+        final, partial = self.out_dir / name, self.out_dir / f"{name}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        metadata = {k: v for k, v in self.record.items() if k not in ("format", "version", "config")}
+        metadata["training"] = {"stage": self.config.stage, "step": step + 1, "config": asdict(self.config)}
+        if self.router is not None:
+            metadata["routers"] = self._router_signature()
+        save_elastic(self.model, partial, metadata, self.tokenizer, tensors=model_state)
+        if self.router is not None:
+            atomic_save_tensors(partial / ROUTERS_FILE, self.router.state_dict())
+        if model_state is None:
+            tensors, meta = optimizer_tensors(self.optimizer)
+            atomic_save_tensors(partial / "optimizer.safetensors", tensors)
+        else:  # FSDP: the optimizer state stays sharded and is not saved (no --resume yet)
+            meta = None
+        state: dict[str, Any] = {"step": step + 1, "optimizer": meta, "losses": self.result.losses}
+        state["evaluations"] = self.result.evaluations
+        if self.surrogate is not None:
+            samples = self.surrogate.samples
+            surrogate_tensors = {f"net.{k}": v for k, v in self.surrogate.surrogate.state_dict().items()}
+            opt_tensors, opt_meta = optimizer_tensors(self.surrogate.optimizer)
+            surrogate_tensors |= {f"optimizer.{k}": v for k, v in opt_tensors.items()}
+            if samples:
+                surrogate_tensors["samples.features"] = torch.stack([f for f, _ in samples])
+                surrogate_tensors["samples.losses"] = torch.tensor(
+                    [loss for _, loss in samples], dtype=torch.float64
+                )
+            atomic_save_tensors(partial / "surrogate.safetensors", surrogate_tensors)
+            state["surrogate"] = {"error": self.surrogate.error, "optimizer": opt_meta}
+        atomic_write_json(partial / STATE_FILE, state)
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        atomic_write_bytes(self.out_dir / "latest", (name + "\n").encode())
+        checkpoints = sorted(p for p in self.out_dir.glob("checkpoint-*") if not p.name.endswith(".partial"))
+        for old in checkpoints[: -self.config.keep_last]:
+            shutil.rmtree(old)
+        return final
+
+    def _load_training_state(self, directory: Path) -> None:
+        state = json.loads((directory / STATE_FILE).read_text())
+        saved = state["optimizer"]
+        if saved is None or (self.world > 1 and self.config.parallel == "fsdp"):
+            raise CheckpointError(
+                "resuming an FSDP run is not supported yet (its optimizer state is not saved)"
+            )
+        load_optimizer(
+            self.optimizer, load_file(directory / "optimizer.safetensors", device=str(self.device)), saved
+        )
+        self.start_step = state["step"]
+        self.result.losses = list(state["losses"])
+        self.result.evaluations = list(state.get("evaluations", []))
+        if self.surrogate is not None and "surrogate" in state:
+            tensors = load_file(directory / "surrogate.safetensors")
+            self.surrogate.surrogate.load_state_dict(
+                {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+            )
+            load_optimizer(
+                self.surrogate.optimizer,
+                {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")},
+                state["surrogate"]["optimizer"],
+            )
+            if "samples.features" in tensors:
+                pairs = zip(tensors["samples.features"], tensors["samples.losses"].tolist(), strict=True)
+                self.surrogate.samples.extend((f, loss) for f, loss in pairs)
+            self.surrogate.error = state["surrogate"]["error"]
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            atomic_write_json(self.out_dir / "train_config.json", asdict(config))
+        bar = tqdm(
+            range(self.start_step, config.steps),
+            initial=self.start_step,
+            total=config.steps,
+            desc=f"train ({config.stage})",
+            disable=not self.progress or self.rank != 0,
+        )
+        log = self.out_dir / "log.jsonl"
+        for step in bar:
+            loss, info = self.step(step)
+            self.result.losses.append(loss)
+            postfix = {"loss": f"{loss:.3f}"}
+            if "latency_ms" in info:
+                postfix |= {"lat": f"{info['latency_ms']:.1f}ms", "tau": f"{temperature(config, step):.2f}"}
+            bar.set_postfix(postfix)
+            if self.rank == 0:
+                with log.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": loss, **info}) + "\n")
+            last = step + 1 == config.steps
+            if self.eval_batches and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
+                evaluation = {"step": step + 1, "budgets": self.evaluate()}
+                self.result.evaluations.append(evaluation)
+                if self.rank == 0:
+                    with log.open("a") as f:
+                        f.write(json.dumps({"eval": evaluation}) + "\n")
+            if (config.save_every and (step + 1) % config.save_every == 0) or last:
+                self.save(step)
+            if dist.is_initialized():
+                dist.barrier()
+        return self.result
+
+
+def train(
+    config: TrainConfig,
+    checkpoint: str | Path,
+    texts: Sequence[Text],
+    out_dir: str | Path,
+    eval_texts: Sequence[Text] = (),
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Run one training stage from an elastic checkpoint (or resume the last checkpoint in
+    ``out_dir``); checkpoints land in ``out_dir/checkpoint-NNNNNN`` (``out_dir/latest``
+    names the newest) and each is itself an elastic checkpoint (eval, export, generate)."""
+    started = False
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        backend = "nccl" if config.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if config.device.startswith("cuda"):
+            config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        started = True
+    try:
+        return Trainer(config, checkpoint, texts, out_dir, eval_texts, resume, progress).run()
+    finally:
+        if started:
+            dist.destroy_process_group()
