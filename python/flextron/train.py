@@ -218,6 +218,13 @@ class Windows:
 
     def __init__(self, tokens: Tensor, seed: int) -> None:
         self.tokens, self.seed = tokens, seed
+        self._orders: dict[int, Tensor] = {}
+
+    def _order(self, epoch: int) -> Tensor:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._orders = {epoch: torch.randperm(self.tokens.shape[0], generator=generator)}
+        return self._orders[epoch]
 
     def batch(self, index: int, batch_size: int, rank: int, world: int) -> Tensor:
         per_epoch = self.tokens.shape[0]
@@ -225,10 +232,7 @@ class Windows:
         rows = []
         for position in range(start, start + batch_size):
             epoch, offset = divmod(position, per_epoch)
-            order = torch.randperm(
-                per_epoch, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            )
-            rows.append(self.tokens[order[offset]])
+            rows.append(self.tokens[self._order(epoch)[offset]])
         return torch.stack(rows)
 
 
