@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("runs/train-report"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--elastic-steps", type=int, default=40)
-    parser.add_argument("--router-steps", type=int, default=60)
+    parser.add_argument("--router-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--budgets", default="1.0,0.75,0.5")
@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> Path:
         }
     )
 
+    # On this model the surrogate's running error settles around 0.1-0.2 within 150 steps
+    # (losses span 5-10 nats across sub-networks): a 0.25 gate lets the routers learn.
     routers = TrainConfig(
-        stage="routers", steps=args.router_steps, router_lr=1e-2, surrogate_threshold=0.1, **common
+        stage="routers", steps=args.router_steps, router_lr=3e-2, surrogate_threshold=0.25, **common
     )
     result = train(
         routers,
@@ -123,7 +125,9 @@ def plot(report: dict, path: Path) -> None:
     for stage in report["stages"]:
         values = [stage["budgets"][f"{b:g}"]["perplexity"] for b in report["budgets"]]
         ax.plot(report["budgets"], values, "o-", label=stage["stage"])
-    ax.set_xlabel("budget")
+    ax.set_xlabel(
+        "budget (uniform sub-networks: share of layer weights; routers: share of full latency)", fontsize=8
+    )
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_yscale("log")
     ax.invert_xaxis()

@@ -120,3 +120,24 @@ def test_unsupported_models_are_refused(tmp_path):
         elastic_config_from_hf(mistral)
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_hf(tmp_path)
+
+
+def test_three_training_stages_from_the_cli_on_the_real_model(converted, tmp_path, capsys):
+    from flextron import cli
+
+    text = tmp_path / "train.txt"
+    text.write_text(data.shakespeare("train")[0].content[:30000])
+    (tmp_path / "tiny.toml").write_text(
+        "batch_size = 1\nseq_len = 32\ntrain_tokens = 2000\neval_tokens = 64\nwarmup_steps = 1\n"
+    )
+    start = str(converted)
+    for stage in ("elastic", "routers", "joint"):
+        out = tmp_path / stage
+        argv = ["train", "--stage", stage, "--checkpoint", start, "--data", str(text), "--eval-data", str(text),
+                "--out", str(out), "--config", str(tmp_path / "tiny.toml"), "--steps", "2", "--quiet"]  # fmt: skip
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        start = str(out / "checkpoint-000002")
+        model, record = load_elastic(start)
+        assert record["training"]["stage"] == stage and model.config.num_layers == 30
+    assert (tmp_path / "joint" / "checkpoint-000002" / "routers.safetensors").is_file()
+    assert "perplexity" in capsys.readouterr().out

@@ -278,3 +278,11 @@ def test_cli_train_and_lut(elastic, tmp_path, capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
     code = cli.main(["train", "--checkpoint", str(elastic), "--out", str(tmp_path / "empty"), "--resume"])
     assert code == 2 and "holds no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_joint_training_lowers_the_lm_loss(elastic, texts, tmp_path, table):
+    config = TrainConfig(stage="joint", steps=30, lr=3e-3, latency_weight=0.1, lut=str(table), **SMALL)
+    train(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [row["lm_loss"] for row in log if "lm_loss" in row]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses

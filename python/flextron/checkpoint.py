@@ -2,6 +2,9 @@
 (the ElasticConfig plus metadata: width choices, importance scores, the source model's
 config) and the tokenizer's files.
 
+Training runs add optimizer state (tensors in safetensors, the rest in JSON) and keep a
+``latest`` pointer in their run directory (see flextron.train).
+
 Every file is written atomically (a temporary file in the same directory, flushed, then
 renamed over the target), so a process killed mid-write leaves the previous file intact.
 """
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from flextron.model import ElasticConfig, ElasticLM
 
@@ -157,3 +161,43 @@ def load_elastic(
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), record
+
+
+# ---------------------------------------------------------------------------------------
+# Training state: optimizer state as safetensors + JSON, the run directory's latest checkpoint
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = out_dir / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path

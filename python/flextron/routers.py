@@ -100,8 +100,7 @@ class StaticRouter(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden, self.layers * (self.mlp_choices + self.attention_choices)),
         )
-        with torch.no_grad():  # start near uniform so early samples explore every choice
-            self.net[-1].weight.mul_(0.01)
+        with torch.no_grad():  # no preference at the start: every choice gets explored
             self.net[-1].bias.zero_()
 
     def logits(self, budget: float) -> tuple[Tensor, Tensor]:
@@ -152,7 +151,6 @@ class TokenRouter(nn.Module):
         )
         with torch.no_grad():
             for net in self.nets:
-                net[-1].weight.mul_(0.01)
                 net[-1].bias.zero_()
 
     def route(self, budget: float, temperature: float | None = None, generator=None) -> TokenRouting:

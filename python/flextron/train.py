@@ -41,7 +41,10 @@ from flextron.checkpoint import (
     atomic_save_tensors,
     atomic_write_bytes,
     atomic_write_json,
+    latest_checkpoint,
     load_elastic,
+    load_optimizer,
+    optimizer_tensors,
     save_elastic,
 )
 from flextron.data import Text, token_windows
@@ -80,7 +83,7 @@ class TrainConfig:
     router_hidden: int = 64
     temperature_start: float = 1.0
     temperature_end: float = 0.1
-    latency_weight: float = 1.0
+    latency_weight: float = 5.0
     surrogate_threshold: float = 0.05
     eval_every: int = 0  # steps; 0 = at the end only
     eval_tokens: int = 2048
@@ -237,46 +240,6 @@ class Windows:
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                tensors[f"{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in meta["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / "latest"
-    if not pointer.is_file():
-        return None
-    path = out_dir / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
-    return path
-
-
-# ---------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -329,7 +292,9 @@ class Trainer:
         self.router: StaticRouter | TokenRouter | None = None
         if config.stage in ("routers", "joint"):
             kind = StaticRouter if config.router == "static" else TokenRouter
-            self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
+            with torch.random.fork_rng(devices=[]):  # initialized from the run's seed alone
+                torch.manual_seed(config.seed)
+                self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
             saved = (resume_from or source) / ROUTERS_FILE
             if saved.is_file() and self._router_meta(resume_from or source) == self._router_signature():
                 self.router.load_state_dict(load_file(saved, device=str(self.device)))
@@ -359,8 +324,9 @@ class Trainer:
                 features = model_config.num_layers * (
                     len(model_config.mlp_widths) + len(model_config.head_choices)
                 )
-                torch.manual_seed(config.seed)
-                self.surrogate = SurrogateTrainer(Surrogate(features))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(config.seed + 1)
+                    self.surrogate = SurrogateTrainer(Surrogate(features))
 
         self.result = TrainResult(self.out_dir)
         if resume_from is not None:
