@@ -4,6 +4,8 @@ load in plain transformers, on the CPU."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -141,3 +143,24 @@ def test_three_training_stages_from_the_cli_on_the_real_model(converted, tmp_pat
         assert record["training"]["stage"] == stage and model.config.num_layers == 30
     assert (tmp_path / "joint" / "checkpoint-000002" / "routers.safetensors").is_file()
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_demo_quick(tmp_path, capsys):
+    require_embedded()
+    from flextron import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quick", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [row["name"] for row in results["rows"]] == ["full width", "budget 1", "budget 0.75", "budget 0.5"]
+    for row in results["rows"]:
+        assert row["latency_ms"] > 0 and row["perplexity"] > 1 and 0 < row["parameters_m"] <= 135
+        assert f"{row['perplexity']:.1f}" in printed
+    assert set(results["samples"]) == {"1", "0.5"}
+    assert all(text.startswith("Shall I compare") for text in results["samples"].values())
+    assert (out / "pareto.png").stat().st_size > 0
+    # A rerun finds every stage done and only measures again.
+    stamp = (out / "routers" / "latest").stat().st_mtime_ns
+    assert cli.main(["demo", "--out", str(out), "--quick", "--quiet"]) == 0
+    assert (out / "routers" / "latest").stat().st_mtime_ns == stamp

@@ -30,7 +30,9 @@ def test_attention_example_runs():
 
 
 def test_model_example_runs(tiny_model_dir, tmp_path):
-    code = re.search(r"In Python \(after the main job[^\n]*\n\n```python\n(.*?)```", README.read_text(), re.S)
+    code = re.search(
+        r"In Python \(after `flextron convert[^\n]*\n\n```python\n(.*?)```", README.read_text(), re.S
+    )
     assert code is not None, "README has no elastic-model python block"
     from flextron import cli
 

