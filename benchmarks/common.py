@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from flextron.latency import device_name as flextron_device_name
 
 
 def default_out_dir(device: str) -> Path:
@@ -79,9 +80,7 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, repeat: int 
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return flextron_device_name(torch.device(device))
 
 
 @dataclass

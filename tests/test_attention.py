@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flextron import reference
+from flextron.kv_cache import default_positions
 from flextron.layers import ElasticAttention
 from tests.helpers import assert_close_to_reference
 
@@ -33,7 +34,7 @@ def make(device: str, dtype=torch.float64, bias: bool = True, kv_heads: int = KV
 def run_reference(att: ElasticAttention, x, token_choice, attention_mask=None):
     batch, steps, _ = x.shape
     valid = attention_mask.bool() if attention_mask is not None else None
-    positions = att._default_positions(valid, None, batch, steps, x.device)
+    positions = default_positions(valid, None, batch, steps, x.device)
     cos, sin = att.rotary(positions)
     counts = torch.tensor(att.head_choices, device=x.device)[token_choice]
     return reference.elastic_attention(

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from flextron import data
 from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic
 from flextron.convert import ConvertOptions, convert
 from flextron.evaluate import mean_loss
+from flextron.latency import median_ms
 from flextron.model import Routing
 from flextron.routers import StaticRouter
 from flextron.train import TrainConfig, Trainer, routing_from
@@ -68,16 +67,6 @@ class BudgetRow:
 def _summary(values: list[int]) -> str:
     counts = {v: values.count(v) for v in sorted(set(values), reverse=True)}
     return " ".join(f"{v}x{n}" for v, n in counts.items())
-
-
-def _time_ms(fn, repeat: int = 5) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def run(options: DemoOptions) -> list[BudgetRow]:
@@ -145,7 +134,7 @@ def run(options: DemoOptions) -> list[BudgetRow]:
     rows = []
     with torch.no_grad():
         full = Routing.uniform(config.num_layers)
-        full_ms = _time_ms(lambda: model(probe, full))
+        full_ms = median_ms(lambda: model(probe, full), probe.device, warmup=1, repeat=5)
         full_loss, _ = mean_loss(model, batches, full)
         rows.append(
             BudgetRow(
@@ -162,13 +151,9 @@ def run(options: DemoOptions) -> list[BudgetRow]:
         for budget in tqdm(options.budgets, desc="budgets", disable=not options.progress):
             choice = router(budget)
             routing = routing_from(choice)
-            latency = _time_ms(lambda r=routing: model(probe, r))
+            latency = median_ms(lambda r=routing: model(probe, r), probe.device, warmup=1, repeat=5)
             loss, _ = mean_loss(model, batches, routing)
-            used = model.num_parameters() - sum(
-                config.layer_params(config.mlp_widths[0], config.head_choices[0])
-                - config.layer_params(config.mlp_widths[m], config.head_choices[a])
-                for m, a in zip(choice.mlp_choice, choice.attention_choice, strict=True)
-            )
+            used = model.active_parameters(choice.mlp_choice, choice.attention_choice)
             rows.append(
                 BudgetRow(
                     name=f"budget {budget:g}",

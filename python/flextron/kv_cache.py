@@ -12,6 +12,17 @@ import torch
 from torch import Tensor, nn
 
 
+def default_positions(
+    attention_mask: Tensor | None, cache: KVCache | None, batch: int, steps: int, device: torch.device
+) -> Tensor:
+    """Each new token's position: the number of real tokens before it in its sequence
+    (cached ones included); ``attention_mask [B, S]`` marks the new tokens that are real."""
+    past = cache.past_valid_counts()[:, None] if cache is not None else 0
+    if attention_mask is None:
+        return past + torch.arange(steps, device=device).expand(batch, steps)
+    return past + (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 class KVCache(nn.Module):
     """``k``/``v``: ``[batch, kv_heads, max_length, head_dim]``; ``valid``: ``[batch, max_length]``.
 

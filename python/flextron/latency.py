@@ -75,7 +75,8 @@ class LatencyTable:
             raise ValueError(f"{path} is not a latency table: {e}") from None
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 7) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls (synchronizing CUDA)."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -140,7 +141,7 @@ def measure(
             if kind == "mlp"
             else (lambda c=choice: attention(c))
         )
-        times[kind].append(_median_ms(fn, device, warmup, repeat))
+        times[kind].append(median_ms(fn, device, warmup, repeat))
     ids = torch.randint(0, config.vocab_size, (batch_size, steps), device=device)
 
     def fixed():
@@ -159,5 +160,5 @@ def measure(
         num_layers=config.num_layers,
         mlp_ms=times["mlp"],
         attention_ms=times["attention"],
-        fixed_ms=_median_ms(fixed, device, warmup, repeat),
+        fixed_ms=median_ms(fixed, device, warmup, repeat),
     )

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flextron.attention import banded_attention, causal_mask, token_routed_flex_attention
-from flextron.kv_cache import KVCache
+from flextron.kv_cache import KVCache, default_positions
 from flextron.ops import (
     ACTIVATIONS,
     Activation,
@@ -287,7 +287,7 @@ class ElasticAttention(nn.Module):
         if position_embeddings is not None or self.rotary is not None:
             if position_embeddings is None:
                 if position_ids is None:
-                    position_ids = self._default_positions(valid, cache, batch, steps, x.device)
+                    position_ids = default_positions(valid, cache, batch, steps, x.device)
                 position_embeddings = self.rotary(position_ids)
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -367,16 +367,6 @@ class ElasticAttention(nn.Module):
                 f"attention_mask must be [batch={batch}, seq={steps}], got shape {tuple(attention_mask.shape)}"
             )
         return attention_mask.to(device=device, dtype=torch.bool)
-
-    @staticmethod
-    def _default_positions(
-        valid: Tensor | None, cache: KVCache | None, batch: int, steps: int, device: torch.device
-    ) -> Tensor:
-        """Each token's position: the number of real tokens before it in its sequence."""
-        past = cache.past_valid_counts()[:, None] if cache is not None else 0
-        if valid is None:
-            return past + torch.arange(steps, device=device).expand(batch, steps)
-        return past + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
 
     def extra_repr(self) -> str:
         return (

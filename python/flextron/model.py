@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from flextron.kv_cache import KVCache
+from flextron.kv_cache import KVCache, default_positions
 from flextron.layers import ElasticAttention, ElasticMLP
 from flextron.ops import ACTIVATIONS
 from flextron.rope import RopeScaling, RotaryEmbedding, rope_frequencies
@@ -94,6 +94,14 @@ class ElasticConfig:
     @property
     def head_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def layer_fraction(self, mlp_choice: int, attention_choice: int) -> float:
+        """A layer's weights at these choices, as a share of the full layer's."""
+        full = self.layer_params(self.mlp_widths[0], self.head_choices[0])
+        return self.layer_params(self.mlp_widths[mlp_choice], self.head_choices[attention_choice]) / full
+
+    def smallest_fraction(self) -> float:
+        return self.layer_fraction(len(self.mlp_widths) - 1, len(self.head_choices) - 1)
 
     def layer_params(self, mlp_width: int, heads: int) -> int:
         """Weights one transformer layer uses at these widths (K/V always for all KV heads)."""
@@ -191,19 +199,16 @@ def choices_for_budget(
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
-    full = config.layer_params(config.mlp_widths[0], config.head_choices[0])
     loss_of = {(entry.mlp, entry.attention): entry.loss for entry in losses or []}
     fitting = []
-    for (m, width), (a, heads) in itertools.product(
-        enumerate(config.mlp_widths), enumerate(config.head_choices)
-    ):
-        fraction = config.layer_params(width, heads) / full
+    for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_choices))):
+        fraction = config.layer_fraction(m, a)
         if fraction <= budget + 1e-9:
             fitting.append((loss_of.get((m, a), math.inf), -fraction, m, a))
     if not fitting:
-        smallest = config.layer_params(config.mlp_widths[-1], config.head_choices[-1]) / full
         raise ValueError(
-            f"budget {budget} is below the smallest sub-network ({smallest:.3f} of the full layers)"
+            f"budget {budget} is below the smallest sub-network "
+            f"({config.smallest_fraction():.3f} of the full layers)"
         )
     _, negative_fraction, m, a = min(fitting)
     return BudgetChoice(budget, m, a, -negative_fraction)
@@ -348,11 +353,18 @@ class ElasticLM(nn.Module):
             )
         batch, steps = input_ids.shape
         if position_ids is None:
-            position_ids = self._positions(attention_mask, caches, batch, steps, input_ids.device)
+            cache = caches[0] if caches else None
+            position_ids = default_positions(attention_mask, cache, batch, steps, input_ids.device)
+            # A position is at most its slot, known on the host: read the positions (a device
+            # sync) only when the slots run past max_positions.
+            slots = (cache.length if cache is not None else 0) + steps
+            beyond = slots > config.max_positions and int(position_ids.max()) >= config.max_positions
+        else:  # given positions are checked as given
+            beyond = int(position_ids.max()) >= config.max_positions
         x = self.embed_tokens(input_ids)
         rotary = None
         if self.embed_positions is not None:
-            if int(position_ids.max()) >= config.max_positions:
+            if beyond:
                 raise ValueError(f"positions exceed max_positions {config.max_positions}")
             x = x + self.embed_positions(position_ids)
         if self.rotary is not None:
@@ -370,15 +382,6 @@ class ElasticLM(nn.Module):
             )
         logits = self.lm_head(self.norm(x))
         return (logits, hidden_states) if output_hidden_states else logits
-
-    @staticmethod
-    def _positions(
-        attention_mask: Tensor | None, caches: Sequence[KVCache] | None, batch: int, steps: int, device
-    ) -> Tensor:
-        past = caches[0].past_valid_counts()[:, None] if caches else 0
-        if attention_mask is None:
-            return past + torch.arange(steps, device=device).expand(batch, steps)
-        return past + (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
     @torch.no_grad()
     def generate(
@@ -442,12 +445,18 @@ class ElasticLM(nn.Module):
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
     def num_parameters(self, routing_choice: BudgetChoice | None = None) -> int:
-        """Parameters the model uses: all of them, or a static sub-network's."""
+        """Parameters the model uses: all of them, or a uniform static sub-network's."""
         if routing_choice is None:
             return sum(p.numel() for p in self.parameters())
+        layers = self.config.num_layers
+        return self.active_parameters([routing_choice.mlp] * layers, [routing_choice.attention] * layers)
+
+    def active_parameters(self, mlp_choices: Sequence[int], attention_choices: Sequence[int]) -> int:
+        """Parameters a static routing uses (one MLP and one head choice per layer)."""
         config = self.config
-        full_layers = config.num_layers * config.layer_params(config.mlp_widths[0], config.head_choices[0])
-        used_layers = config.num_layers * config.layer_params(
-            config.mlp_widths[routing_choice.mlp], config.head_choices[routing_choice.attention]
+        full_layer = config.layer_params(config.mlp_widths[0], config.head_choices[0])
+        dropped = sum(
+            full_layer - config.layer_params(config.mlp_widths[m], config.head_choices[a])
+            for m, a in zip(mlp_choices, attention_choices, strict=True)
         )
-        return self.num_parameters() - full_layers + used_layers
+        return self.num_parameters() - dropped

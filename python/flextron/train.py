@@ -505,9 +505,7 @@ class Trainer:
         for budget in self.config.budgets:
             if self.router is None:  # the uniform table; a budget under the smallest net runs the smallest
                 config = self.model.config
-                smallest = config.layer_params(
-                    config.mlp_widths[-1], config.head_choices[-1]
-                ) / config.layer_params(config.mlp_widths[0], config.head_choices[0])
+                smallest = config.smallest_fraction()
                 choice = choices_for_budget(config, max(budget, smallest), stored_losses(self.record))
                 routing, latency = (
                     Routing.uniform(self.model.config.num_layers, choice.mlp, choice.attention),
