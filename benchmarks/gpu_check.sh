@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a lent H200 (or any Hopper machine with nvcc and a CUDA
 # torch). Builds flextron for sm_90a, runs the whole test suite (CUDA tests included) and
-# the kernel benchmarks, and writes logs + JSON + plot under $OUT (or ./gpu-results).
-# Sized to finish in under 9 minutes on 16 cores (build ~2, tests ~1.5, benchmarks <= 6.2).
+# the benchmarks (`flextron bench`: kernels, attention, model), and writes logs + JSON + plots
+# under $OUT (or ./gpu-results). Sized to finish in under 9 minutes on 16 cores (build ~2,
+# tests ~1.5, benchmarks <= 5.9).
 #
 # Offline machines: put the wheels it lacks in .whl/ beforehand (all are installed, no deps):
 #   pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass
@@ -38,13 +39,14 @@ echo "== tests (log: tests.log)"
 tests_status=${PIPESTATUS[0]}
 
 # Each benchmark rewrites its JSON after every row: a suite cut by its time limit keeps its rows.
-echo "== kernel benchmarks (log: bench-kernels.log)"
-timeout 200 "$py" benchmarks/run.py --suite kernels --device cuda --out "$out_dir" 2>&1 |
-  tee "$out_dir/bench-kernels.log" | tail -30
-kernels_status=${PIPESTATUS[0]}
-echo "== attention benchmarks (log: bench-attention.log)"
-timeout 170 "$py" benchmarks/run.py --suite attention --device cuda --out "$out_dir" 2>&1 |
-  tee "$out_dir/bench-attention.log" | tail -30
-attention_status=${PIPESTATUS[0]}
-echo "tests exit $tests_status, kernel benchmarks exit $kernels_status, attention benchmarks exit $attention_status"
-exit $((tests_status || kernels_status || attention_status))
+bench() {  # suite, time limit (s)
+  echo "== $1 benchmarks (log: bench-$1.log)"
+  timeout "$2" "$py" -m flextron.cli bench --suite "$1" --device cuda --out "$out_dir" 2>&1 |
+    tee "$out_dir/bench-$1.log" | tail -30
+  return "${PIPESTATUS[0]}"
+}
+bench kernels 170; kernels_status=$?
+bench attention 120; attention_status=$?
+bench model 60; model_status=$?
+echo "tests exit $tests_status; benchmarks exit: kernels $kernels_status, attention $attention_status, model $model_status"
+exit $((tests_status || kernels_status || attention_status || model_status))

@@ -17,8 +17,8 @@ import torch
 
 from flextron import data
 from flextron.checkpoint import atomic_write_json
-from flextron.convert import ConvertOptions, convert
-from flextron.train import TrainConfig, Trainer, train
+from flextron.conversion import ConvertOptions, convert
+from flextron.training import TrainConfig, Trainer, train
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -75,3 +75,14 @@ def tiny_model_dir(tmp_path_factory):
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """Shakespeare's sonnets (from the embedded text) as one .txt file."""
+    require_embedded()
+    from flextron import data
+
+    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
+    path.write_text(next(t for t in data.shakespeare("train") if t.name == "sonnets").content)
+    return path

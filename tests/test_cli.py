@@ -9,19 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from flextron import cli, data
-from tests.conftest import require_embedded, require_module
+from flextron import cli
+from tests.conftest import require_module
 
 transformers = require_module("transformers")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    require_embedded()
-    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
-    path.write_text(next(t for t in data.shakespeare("train") if t.name == "sonnets").content)
-    return path
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -56,8 +49,11 @@ def test_convert_eval_export_generate(tiny_model_dir, text_file, tmp_path, capsy
     for row in rows:
         assert row["active_fraction"] <= row["budget"] + 1e-9
         assert row["tokens"] == 4 * 63
+    layers = record["config"]["num_layers"]
     best_overall = min(losses, key=losses.get)
-    assert (rows[0]["mlp_width"], rows[0]["heads"]) == widths[best_overall]
+    width, heads = widths[best_overall]
+    assert (rows[0]["mlp_widths"], rows[0]["heads"]) == (f"{width}x{layers}", f"{heads}x{layers}")
+    assert all(r["routing"] == "uniform" for r in rows)  # a converted checkpoint has no routers
     assert all(r["perplexity"] > 1 for r in rows)
     assert f"{rows[0]['perplexity']:.2f}" in out  # the printed table holds the same numbers
     assert (tmp_path / "eval" / "perplexity.png").stat().st_size > 0
@@ -67,10 +63,8 @@ def test_convert_eval_export_generate(tiny_model_dir, text_file, tmp_path, capsy
     )
     assert code == 0, err
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert (exported.config.intermediate_size, exported.config.num_attention_heads) == (
-        rows[1]["mlp_width"],
-        rows[1]["heads"],
-    )
+    exported_sizes = (exported.config.intermediate_size, exported.config.num_attention_heads)
+    assert (rows[1]["mlp_widths"], rows[1]["heads"]) == tuple(f"{v}x{layers}" for v in exported_sizes)
 
     code, out, err = run(
         capsys, "generate", "--checkpoint", str(checkpoint), "--budget", "0.6", "--prompt", "Shall I compare",
@@ -88,13 +82,28 @@ def test_convert_eval_export_generate(tiny_model_dir, text_file, tmp_path, capsy
         (["convert", "--model", "/nonexistent", "--out", "/tmp/x"], "is not a Hugging Face model directory"),
         (
             ["generate", "--checkpoint", "/tmp", "--prompt", "hi", "--device", "tpu"],
-            "--device must be cpu or cuda",
+            "device must be cpu or cuda[:N], got 'tpu'",
         ),
         (["eval", "--checkpoint", "/tmp", "--data", "/nonexistent.txt"], "/tmp is not a flextron checkpoint"),
+        (["eval", "--checkpoint", "/tmp", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["train", "--checkpoint", "/tmp"], "the following arguments are required: --out"),
+        (["bench", "--suite", "speed"], "argument --suite: invalid choice: 'speed'"),
+        (
+            ["lut", "--checkpoint", "/tmp", "--out", "t.json", "--device", "cuda:x"],
+            "device must be cpu or cuda[:N]",
+        ),
+        (
+            ["generate", "--checkpoint", "/tmp", "--prompt", "x", "--budget", "1.5"],
+            "/tmp is not a flextron checkpoint",
+        ),
+        (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):
-    code, _out, err = run(capsys, *argv)
+    try:
+        code, _out, err = run(capsys, *argv)
+    except SystemExit as exit_:  # argparse's usage errors exit from the parser
+        code, err = exit_.code, capsys.readouterr().err
     assert code == 2
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -108,16 +117,24 @@ def test_budget_errors(tiny_model_dir, text_file, tmp_path, capsys):
         capsys, "generate", "--checkpoint", str(checkpoint), "--budget", "0.01", "--prompt", "x"
     )
     assert code == 2 and "below the smallest sub-network" in err
+    code, _, err = run(
+        capsys, "generate", "--checkpoint", str(checkpoint), "--budget", "1.5", "--prompt", "x"
+    )
+    assert code == 2 and "budget must be in (0, 1], got 1.5" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "eval", "--checkpoint", str(checkpoint), "--device", "cuda")
+        assert code == 2 and "device cuda was asked for, but no CUDA GPU is available" in err
     code, _, err = run(capsys, "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"))
-    assert code == 2 and "give --budget, or both --mlp-choice and --attention-choice" in err
+    assert code == 2 and "give a budget, or both an MLP choice and an attention choice" in err
 
 
 def test_help_lists_the_commands():
     result = subprocess.run(
         [sys.executable, "-m", "flextron.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("convert", "export", "generate", "eval"):
+    for command in cli.COMMANDS:
         assert command in result.stdout
+    assert set(cli.COMMANDS) == set(cli.build_parser()._subparsers._group_actions[0].choices)
     bad = subprocess.run(
         [sys.executable, "-m", "flextron.cli", "eval", "--budgets", "a,b"], capture_output=True, text=True
     )

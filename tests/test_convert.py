@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from flextron import data
+from flextron.budgets import BudgetResolver
 from flextron.checkpoint import load_elastic
-from flextron.convert import (
+from flextron.conversion import (
     ConvertOptions,
     UnsupportedModelError,
     convert,
@@ -21,7 +22,7 @@ from flextron.convert import (
     load_hf,
     stored_losses,
 )
-from flextron.evaluate import evaluate_budgets, format_table
+from flextron.evaluation import evaluate_budgets, format_table
 from flextron.model import Routing, choices_for_budget
 from tests.conftest import require_embedded, require_module
 
@@ -82,9 +83,9 @@ def test_convert_eval_export(embedded, converted, tmp_path, capsys):
         tokenizer,
         data.shakespeare("eval"),
         [1.0, 0.75, 0.5],
+        BudgetResolver.for_checkpoint(model, record, converted),
         max_tokens=1024,
         progress=False,
-        losses=losses,
     )
     with capsys.disabled():
         print("\nSmolLM2-135M, converted (no training), held-out Shakespeare:\n" + format_table(results))

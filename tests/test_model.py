@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flextron import reference
-from flextron.convert import (
+from flextron.conversion import (
     elastic_config_from_hf,
     export_hf,
     from_hf,

@@ -160,6 +160,13 @@ def test_non_contiguous_inputs(device):
         flextron.nested_linear_k(x, w, plan.offsets, plan.widths),
         reference.nested_linear_k(x, w, plan.offsets, [64, 32, 16]),
     )
+    # A transposed weight view (what the backward passes; the CPU kernels read it in place).
+    wt = torch.randn(64, 64, generator=gen).to(device).t()
+    for op in ("nested_linear_n", "nested_linear_k"):
+        torch.testing.assert_close(
+            getattr(flextron, op)(x, wt, plan.offsets, plan.widths),
+            getattr(reference, op)(x, wt.contiguous(), plan.offsets, [64, 32, 16]),
+        )
 
 
 def test_gradcheck_cpu():

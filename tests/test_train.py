@@ -15,11 +15,11 @@ import torch.multiprocessing as mp
 
 from flextron import cli, data, reference
 from flextron.checkpoint import load_elastic
-from flextron.convert import ConvertOptions, convert
+from flextron.conversion import ConvertOptions, convert
 from flextron.latency import LatencyTable, measure
 from flextron.model import Routing
 from flextron.routers import BudgetEncoding, StaticRouter, TokenRouter, gumbel_choice
-from flextron.train import TrainConfig, Trainer, train
+from flextron.training import TrainConfig, Trainer, train
 
 SMALL = {"batch_size": 4, "seq_len": 32, "train_tokens": 6000, "eval_tokens": 256, "warmup_steps": 2}
 
@@ -135,7 +135,7 @@ def test_a_killed_save_keeps_the_previous_checkpoint(elastic, texts, tmp_path, m
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr("flextron.train.save_elastic", killed)
+    monkeypatch.setattr("flextron.training.save_elastic", killed)
     with pytest.raises(KeyboardInterrupt):
         trainer.save(4)
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000004"

@@ -7,12 +7,18 @@
 namespace flextron {
 namespace {
 
+// BLAS takes a row-major or a column-major operand as it is: a transposed weight view (the
+// backward passes weight.t()) is read in place instead of copied.
+at::Tensor blas_operand(const at::Tensor& t) {
+  return t.stride(1) == 1 || t.stride(0) == 1 ? t : t.contiguous();
+}
+
 at::Tensor nested_linear_n_cpu(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& offsets, const at::Tensor& widths) {
   const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kN);
   const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto a = x.contiguous();
-  const auto w = weight.contiguous();
+  const auto w = blas_operand(weight);
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
   for (size_t g = 0; g < problem.widths.size(); ++g) {
     const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = problem.widths[g];
@@ -34,7 +40,7 @@ at::Tensor nested_linear_k_cpu(const at::Tensor& x, const at::Tensor& weight,
   const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kK);
   const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto a = x.contiguous();
-  const auto w = weight.contiguous();
+  const auto w = blas_operand(weight);
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
   for (size_t g = 0; g < problem.widths.size(); ++g) {
     const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = problem.widths[g];

@@ -3,7 +3,7 @@
 config) and the tokenizer's files.
 
 Training runs add optimizer state (tensors in safetensors, the rest in JSON) and keep a
-``latest`` pointer in their run directory (see flextron.train).
+``latest`` pointer in their run directory (see flextron.training).
 
 Every file is written atomically (a temporary file in the same directory, flushed, then
 renamed over the target), so a process killed mid-write leaves the previous file intact.
@@ -28,6 +28,7 @@ FORMAT = "flextron-elastic"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 METADATA = "flextron.json"
+ROUTERS = "routers.safetensors"  # trained routers, next to the weights (router training)
 
 
 class CheckpointError(ValueError):

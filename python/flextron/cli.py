@@ -1,28 +1,32 @@
-"""The ``flextron`` command line: demo, convert, export, generate, eval, train, lut.
+"""The ``flextron`` command line: convert, train, lut, eval, export, generate, bench, demo.
 
-User errors (missing files, bad values, unsupported models) print one line and exit with
-status 2; anything else is a bug and keeps its traceback.
+Each command parses its flags and calls the function of the same name in
+:mod:`flextron.api` (``eval`` calls ``evaluate``). User errors (missing files, bad values,
+unsupported models, CUDA asked for without a GPU) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from flextron import data
+from flextron import api
+from flextron.budgets import ROUTING_METHODS
+from flextron.runtime import DTYPE_NAMES
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-DEFAULT_BUDGETS = "1.0,0.75,0.5"
+COMMANDS = ("convert", "train", "lut", "eval", "export", "generate", "bench", "demo")
 
 
-class UsageError(ValueError):
-    """A bad command-line value."""
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``flextron eval: error: ...; see --help``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _int_list(text: str) -> list[int]:
@@ -39,39 +43,14 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was asked for, but no CUDA GPU is available")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UsageError(f"--device must be cpu or cuda[:N], got {name!r}")
-    return name
+def _choice_arg(values: list[int] | None) -> int | list[int] | None:
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
-def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        raise UsageError(f"--dtype must be one of {sorted(choices)}, got {name!r}")
-    return choices[name]
-
-
-def _texts(path: str | None, default_split: str) -> list[data.Text]:
-    return data.read_texts(path) if path else data.shakespeare(default_split)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _load(checkpoint: str, device: str, dtype: torch.dtype = torch.float32):
-    from transformers import AutoTokenizer
-
-    from flextron.checkpoint import load_elastic
-
-    model, record = load_elastic(checkpoint, device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    return model, record, tokenizer
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,119 +58,38 @@ def _load(checkpoint: str, device: str, dtype: torch.dtype = torch.float32):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from flextron.convert import ConvertOptions, convert
-
-    model_dir = Path(args.model) if args.model else data.embedded_model_dir()
-    options = ConvertOptions(
+    out = api.convert(
+        args.out,
+        args.model,
+        args.calib,
         mlp_widths=args.mlp_widths,
-        head_choices=args.head_widths,
+        head_widths=args.head_widths,
         seq_len=args.seq_len,
-        max_tokens=args.calib_tokens,
+        calib_tokens=args.calib_tokens,
         batch_size=args.batch_size,
-        device=_device(args.device),
-        progress=not args.quiet,
+        device=args.device,
+        dtype=args.dtype,
+        progress=_progress(args),
     )
-    out = convert(model_dir, _texts(args.calib, "train"), args.out, options)
     print(f"wrote the elastic checkpoint {out}")
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    from flextron.convert import export_hf, stored_losses
-    from flextron.model import choices_for_budget
-
-    model, record, tokenizer = _load(args.checkpoint, "cpu")
-    if args.budget is not None:
-        choice = choices_for_budget(model.config, args.budget, stored_losses(record))
-        mlp, attention = choice.mlp, choice.attention
-    elif args.mlp_choice is not None and args.attention_choice is not None:
-        mlp, attention = _choice_list(args.mlp_choice), _choice_list(args.attention_choice)
-    else:
-        raise UsageError("give --budget, or both --mlp-choice and --attention-choice")
-    out = export_hf(model, record["source"]["config"], args.out, mlp, attention, tokenizer)
-    print(f"wrote a Hugging Face checkpoint to {out} (AutoModelForCausalLM.from_pretrained loads it)")
-
-
-def _choice_list(values: list[int]) -> int | list[int]:
-    return values[0] if len(values) == 1 else values
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    from flextron.convert import stored_losses
-    from flextron.model import Routing, choices_for_budget
-
-    device = _device(args.device)
-    model, record, tokenizer = _load(args.checkpoint, device, _dtype(args.dtype))
-    choice = choices_for_budget(model.config, args.budget, stored_losses(record))
-    routing = Routing.uniform(model.config.num_layers, choice.mlp, choice.attention)
-    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    tokens = model.generate(
-        ids,
-        args.max_new_tokens,
-        routing,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        eos_token_id=model.config.eos_token_id,
-        generator=generator,
-    )
-    config = model.config
-    print(
-        f"[budget {args.budget:g}: MLP {config.mlp_widths[choice.mlp]}/{config.mlp_widths[0]}, "
-        f"heads {config.head_choices[choice.attention]}/{config.num_heads}]",
-        file=sys.stderr,
-    )
-    print(tokenizer.decode(tokens[0], skip_special_tokens=True))
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from flextron.convert import stored_losses
-    from flextron.evaluate import evaluate_budgets, format_table, write_results
-
-    device = _device(args.device)
-    model, record, tokenizer = _load(args.checkpoint, device, _dtype(args.dtype))
-    if not args.budgets:
-        raise UsageError("--budgets needs at least one budget")
-    results = evaluate_budgets(
-        model,
-        tokenizer,
-        _texts(args.data, "eval"),
-        args.budgets,
-        seq_len=args.seq_len,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        losses=stored_losses(record),
-    )
-    print(format_table(results))
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-    source = record.get("source", {}).get("path", args.checkpoint)
-    json_path, png_path = write_results(results, out, f"perplexity per budget: {Path(source).name}")
-    print(f"wrote {json_path} and {png_path}")
-
-
 def cmd_train(args: argparse.Namespace) -> None:
-    from flextron.train import TrainConfig, train
-
-    overrides = {
-        "stage": args.stage,
-        "steps": args.steps,
-        "budgets": tuple(args.budgets) if args.budgets else None,
-        "device": _device(args.device) if args.device else None,
-        "seed": args.seed,
-        "lut": args.lut,
-    }
-    if args.config:
-        config = TrainConfig.from_file(args.config, **overrides)
-    else:
-        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    result = train(
-        config,
+    result = api.train(
         args.checkpoint,
-        _texts(args.data, "train"),
         args.out,
-        eval_texts=_texts(args.eval_data, "eval"),
+        stage=args.stage,
+        config=args.config,
+        data=args.data,
+        eval_data=args.eval_data,
+        budgets=args.budgets,
+        steps=args.steps,
+        lut=args.lut,
         resume=args.resume,
-        progress=not args.quiet,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        progress=_progress(args),
     )
     if result.evaluations:
         last = result.evaluations[-1]
@@ -199,48 +97,148 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"step {last['step']}: "
             + ", ".join(f"budget {b}: perplexity {v['perplexity']:.2f}" for b, v in last["budgets"].items())
         )
-    print(
-        f"wrote checkpoints to {result.out_dir} (latest: {(result.out_dir / 'latest').read_text().strip()})"
-    )
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from flextron.demo import DemoOptions, run
-
-    options = DemoOptions(
-        out=Path(args.out), device=_device(args.device), seed=args.seed, progress=not args.quiet
-    )
-    if args.quick:  # a smoke run: every stage, minutes less
-        options = DemoOptions(
-            out=options.out, device=options.device, seed=options.seed, progress=options.progress,
-            calib_tokens=1024, elastic_steps=2, router_steps=4, batch_size=2, seq_len=64, eval_tokens=512,
-            new_tokens=8,
-        )  # fmt: skip
-    run(options)
+    latest = (result.out_dir / "latest").read_text().strip()
+    print(f"wrote checkpoints to {result.out_dir} (latest: {latest})")
 
 
 def cmd_lut(args: argparse.Namespace) -> None:
-    from flextron.latency import measure
-
-    device = _device(args.device)
-    model, _, _ = _load(args.checkpoint, device, _dtype(args.dtype))
-    table = measure(model, args.batch_size, args.seq_len, args.phase, progress=not args.quiet)
-    path = table.save(args.out)
+    table = api.lut(
+        args.checkpoint,
+        args.out,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        phase=args.phase,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        progress=_progress(args),
+    )
     print(f"{table.phase} latency on {table.device_name}, batch {table.batch_size} x {table.seq_len}:")
     print(
         f"  fixed {table.fixed_ms:.3f} ms; per layer MLP {[round(v, 3) for v in table.mlp_ms]} ms, "
         f"attention {[round(v, 3) for v in table.attention_ms]} ms; full model {table.full_ms():.2f} ms"
     )
-    print(f"wrote {path}")
+    print(f"wrote {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from flextron.evaluation import format_table
+
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    results = api.evaluate(
+        args.checkpoint,
+        data=args.data,
+        budgets=args.budgets,
+        routing=args.routing,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        out=out,
+        device=args.device,
+        dtype=args.dtype,
+        progress=_progress(args),
+    )
+    print(format_table(results))
+    print(f"wrote {out / 'perplexity.json'} and {out / 'perplexity.png'}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    out = api.export(
+        args.checkpoint,
+        args.out,
+        budget=args.budget,
+        mlp_choice=_choice_arg(args.mlp_choice),
+        attention_choice=_choice_arg(args.attention_choice),
+        routing=args.routing,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(f"wrote a Hugging Face checkpoint to {out} (AutoModelForCausalLM.from_pretrained loads it)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    result = api.generate(
+        args.checkpoint,
+        args.prompt,
+        budget=args.budget,
+        routing=args.routing,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    mlp, heads = result.widths
+    print(f"[budget {args.budget:g}, {result.served.method}: MLP {mlp}, heads {heads}]", file=sys.stderr)
+    print(result.text)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from flextron.benchmarks import SUITES
+
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    report = api.bench(
+        suites, device=args.device, dtype=args.dtype, quick=args.quick, out=args.out, seed=args.seed
+    )
+    print("wrote " + ", ".join(str(p) for p in [*report.results, *report.plots]))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    api.demo(
+        args.out,
+        quick=args.quick,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        progress=_progress(args),
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Parser
 
 
+def _common(
+    parser: argparse.ArgumentParser,
+    device: str | None = "cpu",
+    seed: int | None = 0,
+    seeded: bool = True,
+    progress: bool = True,
+    dtype_help: str = "compute dtype",
+) -> None:
+    """The flags the commands share: ``--seed`` where randomness is involved, ``--quiet``
+    where there are progress bars. ``None`` defaults defer to a config file (train)."""
+    default = f" (default: {device})" if device else " (default: the config's, else cpu)"
+    parser.add_argument("--device", default=device, help="cpu, cuda or cuda:N" + default)
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="auto" if device else None,
+        help=f"{dtype_help}; auto = float32 on the CPU, bfloat16 on a GPU (default: auto)",
+    )
+    if seeded:
+        seed_default = seed if seed is not None else "the config's, else 0"
+        parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed_default})")
+    if progress:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _routing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--routing",
+        choices=ROUTING_METHODS,
+        default="auto",
+        help="how a budget picks widths: the checkpoint's trained routers (router), its uniform "
+        "sub-network table (uniform), or routers when it has them (auto, the default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flextron", description="Nested elastic LLMs: demo, convert, export, generate, eval, train, lut."
+    parser = Parser(
+        prog="flextron",
+        description="Nested elastic LLMs (Flextron): one model, many budgets. "
+        "Start with `flextron demo`; every command's --help lists its flags.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -252,99 +250,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--mlp-widths", type=_int_list, help="MLP width choices, e.g. 1536,1152,768,384")
     p.add_argument("--head-widths", type=_int_list, help="query-head choices, e.g. 9,6,3")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
-    p.add_argument("--batch-size", type=int, default=8)
-    _common(p)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    _common(p, seeded=False)
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("export", help="a static sub-network -> a plain Hugging Face checkpoint")
-    p.add_argument("--checkpoint", required=True, help="elastic checkpoint directory")
-    p.add_argument("--budget", type=float, help="fraction of the layer weights to keep, in (0, 1]")
-    p.add_argument("--mlp-choice", type=_int_list, help="MLP choice index (one, or one per layer)")
-    p.add_argument("--attention-choice", type=_int_list, help="head choice index (one, or one per layer)")
-    p.add_argument("--out", required=True, help="output directory")
-    _common(p)
-    p.set_defaults(run=cmd_export)
-
-    p = sub.add_parser("generate", help="continue a prompt at a budget")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--budget", type=float, default=1.0)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--dtype", default="float32")
-    _common(p)
-    p.set_defaults(run=cmd_generate)
-
-    p = sub.add_parser("eval", help="perplexity per budget (table, JSON, plot)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", help="a .txt file or a directory of them (default: held-out Shakespeare)")
-    p.add_argument("--budgets", type=_float_list, default=_float_list(DEFAULT_BUDGETS))
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", help="where perplexity.json/.png go (default: CHECKPOINT/eval)")
-    _common(p)
-    p.set_defaults(run=cmd_eval)
-
     p = sub.add_parser("train", help="elastic training, router training, or both jointly")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint to start from")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, latency.json)")
     p.add_argument(
         "--stage", choices=("elastic", "routers", "joint"), help="default: the config's, else elastic"
     )
-    p.add_argument("--checkpoint", required=True, help="elastic checkpoint to start from")
+    p.add_argument("--config", help="a TOML or YAML file of training settings (flextron.TrainConfig fields)")
     p.add_argument("--data", help="training text: a .txt file or a directory (default: Shakespeare)")
     p.add_argument("--eval-data", help="held-out text (default: held-out Shakespeare)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, latency.json)")
-    p.add_argument("--config", help="a TOML or YAML file of training settings (flextron.train.TrainConfig)")
     p.add_argument("--budgets", type=_float_list, help="trained budgets (latency fractions), e.g. 1,0.75,0.5")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the config's, else 100)")
     p.add_argument("--lut", help="a latency table from `flextron lut` (default: measured at the start)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
     )
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the config's, else cpu)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p, device=None, seed=None)
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("lut", help="measure the latency lookup table on this device")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: 1)")
+    p.add_argument(
+        "--seq-len", type=int, default=256, help="prefill: tokens; decode: cached tokens (default: 256)"
+    )
+    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    _common(p)
+    p.set_defaults(run=cmd_lut)
+
+    p = sub.add_parser("eval", help="perplexity per budget (table, JSON, plot)")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
+    p.add_argument("--data", help="a .txt file or a directory of them (default: held-out Shakespeare)")
+    p.add_argument(
+        "--budgets", type=_float_list, default=list(api.DEFAULT_BUDGETS), help="default: 1,0.75,0.5"
+    )
+    _routing(p)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens (default: 16384)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--out", help="where perplexity.json/.png go (default: CHECKPOINT/eval)")
+    _common(p, seeded=False)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("export", help="a static sub-network -> a plain Hugging Face checkpoint")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--budget", type=float, help="the budget whose sub-network to export, in (0, 1]")
+    _routing(p)
+    p.add_argument("--mlp-choice", type=_int_list, help="MLP choice index (one, or one per layer)")
+    p.add_argument("--attention-choice", type=_int_list, help="head choice index (one, or one per layer)")
+    _common(p, seeded=False, progress=False, dtype_help="dtype of the written weights")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("generate", help="continue a prompt at a budget")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--budget", type=float, default=1.0, help="default: 1.0 (full width)")
+    _routing(p)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="default: 40")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    _common(p, progress=False)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser(
+        "bench", help="kernel, layer and model benchmarks on this device (ratios vs baselines)"
+    )
+    p.add_argument(
+        "--suite", choices=("all", "kernels", "attention", "model"), default="all", help="default: all"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    p.add_argument("--out", help="where the JSON and plots go (default: runs/bench-<date>-<device>)")
+    _common(p, device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
+    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole method on the embedded SmolLM2-135M, in one command")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); rerun to resume")
     p.add_argument("--quick", action="store_true", help="a smoke run with tiny step counts")
     _common(p)
     p.set_defaults(run=cmd_demo)
-
-    p = sub.add_parser("lut", help="measure the latency lookup table on this device")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256, help="prefill: tokens; decode: cached tokens")
-    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill")
-    p.add_argument("--dtype", default="float32")
-    _common(p)
-    p.set_defaults(run=cmd_lut)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flextron.checkpoint import CheckpointError
-    from flextron.convert import UnsupportedModelError
-
     args = build_parser().parse_args(argv)
-    torch.manual_seed(args.seed if args.seed is not None else 0)
+    torch.manual_seed(getattr(args, "seed", None) or 0)
     try:
         args.run(args)
-    except (
-        UsageError,
-        CheckpointError,
-        UnsupportedModelError,
-        data.MissingDataError,
-        ValueError,
-        OSError,
-    ) as e:
-        # Validation errors name what was expected and what was given: one line, no traceback.
+    except (ValueError, OSError) as e:
+        # User errors (flextron's own error types derive from these) name what was expected
+        # and what was given: one line, no traceback.
         print(f"flextron {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

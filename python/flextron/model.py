@@ -193,7 +193,7 @@ def choices_for_budget(
     ``budget`` times the full model's (embeddings and head excluded: they do not shrink).
 
     With ``losses`` (measured at conversion on calibration text, see
-    :func:`flextron.convert.uniform_losses`), the one with the lowest loss among those that
+    :func:`flextron.conversion.uniform_losses`), the one with the lowest loss among those that
     fit; so a larger budget never picks a worse sub-network. Without, the largest that fits.
     Trained static routers (per-layer choices) replace this table.
     """

@@ -110,15 +110,28 @@ def unpermute(y: Tensor, plan: RoutePlan | Tensor, scale: Tensor | None = None) 
     return _ops.unpermute(y, _perm_of(plan), scale)
 
 
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under ``torch.autocast`` the ops compute in the autocast dtype, as torch's own matmuls
+    do: floating inputs are cast per call (fp32 master weights get fp32 gradients through
+    the cast). Without autocast the inputs pass unchanged, and mixed dtypes are an error."""
+    first = next((t for t in tensors if t is not None), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def nested_linear_n(x: Tensor, weight: Tensor, offsets: Tensor, widths: Widths) -> Tensor:
     """Nested output width: rows of group g get ``x @ weight[:d_g].T`` in columns ``< d_g``
     and zeros after. ``x [M, K]``, ``weight [Nmax, K]`` -> ``[M, Nmax]``."""
+    x, weight = autocast_inputs(x, weight)
     return _ops.nested_linear_n(x, weight, offsets, as_widths(widths))
 
 
 def nested_linear_k(x: Tensor, weight: Tensor, offsets: Tensor, widths: Widths) -> Tensor:
     """Nested input width: rows of group g get ``x[:, :d_g] @ weight[:, :d_g].T``.
     ``x [M, Kmax]``, ``weight [N, Kmax]`` -> ``[M, N]``."""
+    x, weight = autocast_inputs(x, weight)
     return _ops.nested_linear_k(x, weight, offsets, as_widths(widths))
 
 
@@ -136,6 +149,7 @@ def nested_activation(
     row's width: rows of group g get ``act[:, :d_g]`` and zeros after. ``"swiglu"`` is
     ``silu(gate) * h`` (needs ``gate``); ``"gelu"``/``"gelu_tanh"`` act on ``h`` alone.
     Differentiable in h and gate."""
+    h, gate = autocast_inputs(h, gate)
     return _ops.nested_activation(h, gate, offsets, as_widths(widths), activation)
 
 
@@ -180,6 +194,9 @@ def elastic_mlp(
     elif w_gate is not None:
         raise ValueError(f"w_gate is only used by activation='swiglu', got activation={activation!r}")
     width_tensor = as_widths(widths, max_width=inner, name="widths")
+    x, w_up, w_gate, w_down, b_up, b_down, scale = autocast_inputs(
+        x, w_up, w_gate, w_down, b_up, b_down, scale
+    )
     tokens = x.reshape(-1, hidden)
     if plan is None:
         if choice.dim() != 1 or choice.numel() != tokens.shape[0]:
@@ -316,7 +333,8 @@ def _nested_linear_n_backward(ctx, grad: Tensor):
     x, weight, offsets, widths = ctx.saved_tensors
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_x = _ops.nested_linear_k(grad, weight.t().contiguous(), offsets, widths)
+        # A transposed view: the CPU kernels read it in place, the CUDA ones make it contiguous.
+        grad_x = _ops.nested_linear_k(grad, weight.t(), offsets, widths)
     if ctx.needs_input_grad[1]:
         grad_w = _ops.nested_weight_grad(grad, x, offsets, widths)
     return grad_x, grad_w, None, None
@@ -327,7 +345,7 @@ def _nested_linear_k_backward(ctx, grad: Tensor):
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
         # nested_linear_n writes zeros past each row's width: exactly the gradient there.
-        grad_x = _ops.nested_linear_n(grad, weight.t().contiguous(), offsets, widths)
+        grad_x = _ops.nested_linear_n(grad, weight.t(), offsets, widths)
     if ctx.needs_input_grad[1]:
         grad_w = _ops.nested_weight_grad(x, grad, offsets, widths).t()
     return grad_x, grad_w, None, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,18 +13,20 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from flextron.budgets import BudgetRouting
 from flextron.checkpoint import atomic_write_bytes
 from flextron.data import Text, token_windows
-from flextron.model import ElasticLM, Routing, UniformLoss, choices_for_budget
+from flextron.model import DynamicRouting, ElasticLM, Routing
 
 
 @dataclass(frozen=True)
 class BudgetResult:
     budget: float
-    mlp_width: int
-    heads: int
-    active_fraction: float  # transformer-layer weights used / full
-    parameters: int  # all weights the sub-network uses, embeddings included
+    routing: str  # "uniform", "static router" or "token router" (see flextron.budgets)
+    mlp_widths: str  # per layer, summarized as "width x layers" ("per token" for token routers)
+    heads: str
+    active_fraction: float  # transformer-layer weights used / full (mean per token for token routers)
+    parameters: int  # weights the sub-network uses, embeddings included (mean per token likewise)
     tokens: int
     loss: float  # mean next-token cross-entropy (nats)
     perplexity: float
@@ -33,7 +35,10 @@ class BudgetResult:
 
 @torch.no_grad()
 def mean_loss(
-    model: ElasticLM, batches: Sequence[torch.Tensor], routing: Routing, progress: bool = False
+    model: ElasticLM,
+    batches: Sequence[torch.Tensor],
+    routing: Routing | DynamicRouting,
+    progress: bool = False,
 ) -> tuple[float, int]:
     """Mean next-token cross-entropy over full windows (every target token counted once)."""
     device = next(model.parameters()).device
@@ -52,30 +57,36 @@ def evaluate_budgets(
     tokenizer,
     texts: Sequence[Text],
     budgets: Sequence[float],
+    resolve: Callable[[float], BudgetRouting],
     seq_len: int = 256,
     max_tokens: int = 16384,
     batch_size: int = 8,
     progress: bool = True,
-    losses: Sequence[UniformLoss] | None = None,
 ) -> list[BudgetResult]:
-    """Perplexity of the uniform static sub-network of each budget (resolved with ``losses``,
-    see :func:`flextron.model.choices_for_budget`) on the same token windows."""
+    """Perplexity at each budget on the same token windows; ``resolve`` turns a budget into
+    its routing (a :class:`flextron.budgets.BudgetResolver`: trained routers or the uniform
+    sub-network table)."""
     batches = list(
         token_windows(tokenizer, texts, seq_len, max_tokens, batch_size, model.config.eos_token_id)
     )
+    config = model.config
+    full_layers = config.num_layers * config.layer_params(config.mlp_widths[0], config.head_choices[0])
+    fixed = model.num_parameters() - full_layers
     results = []
     for budget in tqdm(budgets, desc="budgets", unit="budget", disable=not progress):
-        choice = choices_for_budget(model.config, budget, losses)
-        routing = Routing.uniform(model.config.num_layers, choice.mlp, choice.attention)
+        served = resolve(budget)
         start = time.perf_counter()
-        loss, tokens = mean_loss(model, batches, routing)
+        loss, tokens = mean_loss(model, batches, served.routing)
+        fraction = served.active_fraction(config)
+        mlp_widths, heads = served.widths(config)
         results.append(
             BudgetResult(
                 budget=budget,
-                mlp_width=model.config.mlp_widths[choice.mlp],
-                heads=model.config.head_choices[choice.attention],
-                active_fraction=choice.active_fraction,
-                parameters=model.num_parameters(choice),
+                routing=served.method,
+                mlp_widths=mlp_widths,
+                heads=heads,
+                active_fraction=fraction,
+                parameters=round(fixed + fraction * full_layers),
                 tokens=tokens,
                 loss=loss,
                 perplexity=math.exp(loss),
@@ -87,12 +98,12 @@ def evaluate_budgets(
 
 def format_table(results: Sequence[BudgetResult]) -> str:
     lines = [
-        "| budget | MLP width | heads | layer weights | parameters | perplexity | eval time (s) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| budget | routing | MLP widths (x layers) | heads (x layers) | layer weights | parameters | perplexity | eval time (s) |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
-            f"| {r.budget:g} | {r.mlp_width} | {r.heads} | {r.active_fraction:.3f} | {r.parameters / 1e6:.1f}M "
+            f"| {r.budget:g} | {r.routing} | {r.mlp_widths} | {r.heads} | {r.active_fraction:.3f} | {r.parameters / 1e6:.1f}M "
             f"| {r.perplexity:.2f} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 import flextron
-from benchmarks.common import (
+from flextron import reference
+from flextron.benchmarks.common import (
     MIXES,
+    BenchOptions,
     Results,
     choices_for_mix,
     mean_fraction,
@@ -22,7 +24,6 @@ from benchmarks.common import (
     run_mlp_shape_sweep,
     time_ms,
 )
-from flextron import reference
 
 
 def grouped_mm_padded(x: torch.Tensor, padded_weights: torch.Tensor, offsets: torch.Tensor):
@@ -109,10 +110,9 @@ def bench_case(
         results.add(**row)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def run(options: BenchOptions) -> Path:
     return run_mlp_shape_sweep(
         "nested_linear",
-        __doc__,
         bench_case,
         [
             "op",
@@ -125,9 +125,5 @@ def main(argv: list[str] | None = None) -> Path:
             "dense_tflops",
             "speedup_vs_loop",
         ],
-        argv,
+        options,
     )
-
-
-if __name__ == "__main__":
-    main()

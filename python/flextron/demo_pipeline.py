@@ -16,18 +16,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from flextron import data
+from flextron.budgets import BudgetResolver
 from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic
-from flextron.convert import ConvertOptions, convert
-from flextron.evaluate import mean_loss
+from flextron.conversion import ConvertOptions, convert
+from flextron.evaluation import mean_loss
 from flextron.latency import median_ms
 from flextron.model import Routing
-from flextron.routers import StaticRouter
-from flextron.train import TrainConfig, Trainer, routing_from
+from flextron.runtime import DtypeName, resolve_dtype
+from flextron.training import TrainConfig, Trainer
 
 
 @dataclass
@@ -44,12 +44,14 @@ class DemoOptions:
     prompt: str = "Shall I compare thee to a summer's day?"
     new_tokens: int = 24
     seed: int = 0
+    dtype: DtypeName = "auto"  # compute dtype: autocast in training, the weights' dtype when measuring
     progress: bool = True
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if min(self.elastic_steps, self.router_steps, self.batch_size, self.seq_len, self.eval_tokens) <= 0:
             raise ValueError("steps, batch size, sequence length and eval tokens must be positive")
+        resolve_dtype(self.dtype, self.device)
 
 
 @dataclass
@@ -62,11 +64,6 @@ class BudgetRow:
     latency_ms: float
     speedup: float
     perplexity: float
-
-
-def _summary(values: list[int]) -> str:
-    counts = {v: values.count(v) for v in sorted(set(values), reverse=True)}
-    return " ".join(f"{v}x{n}" for v, n in counts.items())
 
 
 def run(options: DemoOptions) -> list[BudgetRow]:
@@ -82,7 +79,12 @@ def run(options: DemoOptions) -> list[BudgetRow]:
             data.embedded_model_dir(),
             train_texts,
             converted,
-            ConvertOptions(max_tokens=options.calib_tokens, device=options.device, progress=options.progress),
+            ConvertOptions(
+                max_tokens=options.calib_tokens,
+                device=options.device,
+                dtype=options.dtype,
+                progress=options.progress,
+            ),
         )
     common = {
         "batch_size": options.batch_size,
@@ -90,6 +92,7 @@ def run(options: DemoOptions) -> list[BudgetRow]:
         "budgets": options.budgets,
         "eval_tokens": options.eval_tokens,
         "device": options.device,
+        "dtype": options.dtype,
         "seed": options.seed,
         "warmup_steps": min(5, options.elastic_steps),
         # Tokenize only the text the elastic stage reads (the router stage needs one probe batch).
@@ -115,9 +118,10 @@ def run(options: DemoOptions) -> list[BudgetRow]:
         start = latest_checkpoint(run_dir)
 
     say("[4/5] measuring each budget: latency of the routed model, perplexity")
-    model, _ = load_elastic(start, device=options.device)
-    router = StaticRouter(model.config, options.budgets, TrainConfig().router_hidden).to(options.device)
-    router.load_state_dict(load_file(start / "routers.safetensors", device=options.device))
+    model, record = load_elastic(
+        start, device=options.device, dtype=resolve_dtype(options.dtype, options.device)
+    )
+    resolve = BudgetResolver.for_checkpoint(model, record, start, method="router")
     tokenizer = AutoTokenizer.from_pretrained(start, local_files_only=True)
     batches = list(
         data.token_windows(
@@ -149,17 +153,18 @@ def run(options: DemoOptions) -> list[BudgetRow]:
             )
         )
         for budget in tqdm(options.budgets, desc="budgets", disable=not options.progress):
-            choice = router(budget)
-            routing = routing_from(choice)
+            served = resolve(budget)
+            routing = served.routing
             latency = median_ms(lambda r=routing: model(probe, r), probe.device, warmup=1, repeat=5)
             loss, _ = mean_loss(model, batches, routing)
-            used = model.active_parameters(choice.mlp_choice, choice.attention_choice)
+            used = model.active_parameters(served.mlp_choices, served.attention_choices)
+            mlp_widths, heads = served.widths(config)
             rows.append(
                 BudgetRow(
                     name=f"budget {budget:g}",
                     budget=budget,
-                    mlp_widths=_summary([config.mlp_widths[m] for m in choice.mlp_choice]),
-                    heads=_summary([config.head_choices[a] for a in choice.attention_choice]),
+                    mlp_widths=mlp_widths,
+                    heads=heads,
                     parameters_m=used / 1e6,
                     latency_ms=latency,
                     speedup=full_ms / latency,
@@ -172,7 +177,7 @@ def run(options: DemoOptions) -> list[BudgetRow]:
     samples = {}
     for budget in (options.budgets[0], options.budgets[-1]):
         tokens = model.generate(
-            ids, options.new_tokens, routing_from(router(budget)), eos_token_id=model.config.eos_token_id
+            ids, options.new_tokens, resolve(budget).routing, eos_token_id=model.config.eos_token_id
         )
         samples[f"{budget:g}"] = tokenizer.decode(tokens[0], skip_special_tokens=True)
 

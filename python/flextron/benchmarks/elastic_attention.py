@@ -10,7 +10,6 @@ counting the projections and the causal core attention each token actually uses.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from benchmarks.common import Results, default_out_dir, print_table, save_bar_plots, time_ms
+from flextron.benchmarks.common import BenchOptions, Results, print_table, save_bar_plots, time_ms
 from flextron.layers import ElasticAttention
 from flextron.rope import apply_rotary
 
@@ -226,23 +225,15 @@ def plot(json_path: Path, out: Path) -> Path:
     )
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
-    args = parser.parse_args(argv)
-    device = args.device
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    on_gpu = device == "cuda"
+def run(options: BenchOptions) -> Path:
+    device, dtype, on_gpu = options.device, options.dtype, options.on_gpu
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     prefill = GPU_PREFILL if on_gpu else CPU_PREFILL
     batch, cached = GPU_DECODE if on_gpu else CPU_DECODE
-    if args.quick:
+    if options.quick:
         shapes, prefill = dict(list(shapes.items())[:1]), prefill[:1]
-    repeat = 20 if on_gpu else (3 if args.quick else 7)
-    out_dir = args.out or default_out_dir(device)
+    repeat = options.repeat(7)
+    out_dir = options.out
     results = Results("elastic_attention", device)
     results.write_as_you_go(out_dir)
     print(f"elastic_attention benchmark on {results.device_name}, {dtype}")
@@ -279,7 +270,3 @@ def main(argv: list[str] | None = None) -> Path:
     path = results.write(out_dir)
     print(f"wrote {path} and {plot(path, out_dir / f'elastic_attention-{device}.png')}")
     return path
-
-
-if __name__ == "__main__":
-    main()

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from flextron.checkpoint import (
+    ROUTERS,
     CheckpointError,
     atomic_save_tensors,
     atomic_write_bytes,
@@ -48,14 +49,14 @@ from flextron.checkpoint import (
     save_elastic,
 )
 from flextron.data import Text, token_windows
-from flextron.evaluate import mean_loss
+from flextron.evaluation import mean_loss
 from flextron.latency import LatencyTable, measure
 from flextron.model import ElasticLM, Routing
 from flextron.routers import RouterOutput, StaticRouter, TokenRouter
+from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_dtype
 from flextron.surrogate import Surrogate, SurrogateTrainer
 
 Stage = Literal["elastic", "routers", "joint"]
-ROUTERS_FILE = "routers.safetensors"
 STATE_FILE = "trainer.json"
 
 
@@ -90,6 +91,7 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 = at the end only
     keep_last: int = 2
     device: str = "cpu"
+    dtype: DtypeName = "auto"  # compute dtype (autocast); weights stay fp32. auto: bf16 on GPU
     parallel: Literal["ddp", "fsdp"] = "ddp"
     lut: str | None = None  # a latency table JSON; default: measured at the start
     train_tokens: int = 1_000_000  # at most this many tokens of the training text are used
@@ -102,6 +104,7 @@ class TrainConfig:
             "loss": ("ce", "kl", "ce+kl"),
             "router": ("static", "token"),
             "parallel": ("ddp", "fsdp"),
+            "dtype": DTYPE_NAMES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -295,7 +298,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # initialized from the run's seed alone
                 torch.manual_seed(config.seed)
                 self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
-            saved = (resume_from or source) / ROUTERS_FILE
+            saved = (resume_from or source) / ROUTERS
             if saved.is_file() and self._router_meta(resume_from or source) == self._router_signature():
                 self.router.load_state_dict(load_file(saved, device=str(self.device)))
 
@@ -476,9 +479,8 @@ class Trainer:
         return loss + self.config.latency_weight * penalty, info
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        dtype = resolve_dtype(self.config.dtype, self.device)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def _reduce_router_grads(self) -> None:
         """Average router gradients across ranks (the model's are reduced by DDP/FSDP)."""
@@ -496,7 +498,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss per trained budget: with the routers (argmax) when there are any,
         else with the uniform sub-network table of the checkpoint."""
-        from flextron.convert import stored_losses
+        from flextron.conversion import stored_losses
         from flextron.model import choices_for_budget
 
         was_training = self.model.training
@@ -553,7 +555,7 @@ class Trainer:
             metadata["routers"] = self._router_signature()
         save_elastic(self.model, partial, metadata, self.tokenizer, tensors=model_state)
         if self.router is not None:
-            atomic_save_tensors(partial / ROUTERS_FILE, self.router.state_dict())
+            atomic_save_tensors(partial / ROUTERS, self.router.state_dict())
         if model_state is None:
             tensors, meta = optimizer_tensors(self.optimizer)
             atomic_save_tensors(partial / "optimizer.safetensors", tensors)

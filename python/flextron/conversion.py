@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from flextron.checkpoint import atomic_write_json, save_elastic
 from flextron.data import Text, token_windows
-from flextron.evaluate import mean_loss
+from flextron.evaluation import mean_loss
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
 from flextron.rope import RopeScaling
+from flextron.runtime import DtypeName, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -380,6 +381,7 @@ class ConvertOptions:
     batch_size: int = 8
     table_tokens: int = 1024  # calibration tokens each uniform sub-network's loss is measured on
     device: str = "cpu"
+    dtype: DtypeName | torch.dtype = "auto"  # compute dtype (autocast); the weights stay fp32
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -407,10 +409,14 @@ def convert(
             config.eos_token_id,
         )
     )
-    scores = importance(model, batches, progress=options.progress)
+    dtype = resolve_dtype(options.dtype, options.device)
+    device_type = torch.device(options.device).type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        scores = importance(model, batches, progress=options.progress)
     permute_by_importance(model, scores)
     windows = torch.cat(batches)[-max(1, options.table_tokens // options.seq_len) :]
-    losses = uniform_losses(model, windows.split(options.batch_size), progress=options.progress)
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        losses = uniform_losses(model, windows.split(options.batch_size), progress=options.progress)
     source = source_config_dict(model_dir)
     metadata = {
         "source": {
@@ -452,7 +458,37 @@ def export_hf(
     tokenizer=None,
 ) -> Path:
     """Write the static sub-network (one MLP and one attention choice per layer, or the same
-    for all) as a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+    for all) as a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads,
+    in the model's dtype. The limits of :func:`hf_submodel` apply."""
+    hf_model, width, heads = hf_submodel(model, source_config, mlp_choice, attention_choice)
+    out = Path(out)
+    hf_model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    mlp_index = model.config.mlp_widths.index(width)
+    attention_index = model.config.head_choices.index(heads)
+    atomic_write_json(
+        out / "flextron_export.json",
+        {
+            "mlp_width": width,
+            "heads": heads,
+            "kv_heads": heads // model.config.head_group,
+            "mlp_choice": mlp_index,
+            "attention_choice": attention_index,
+        },
+    )
+    return out
+
+
+def hf_submodel(
+    model: ElasticLM,
+    source_config: dict[str, Any],
+    mlp_choice: int | Sequence[int],
+    attention_choice: int | Sequence[int],
+):
+    """``(hf_model, mlp_width, heads)``: the static sub-network as a plain transformers model
+    (in memory, the model's dtype and device) built from ``source_config`` (the source
+    model's config dict) with the sub-network's sizes.
 
     Transformers' Llama and GPT-2 configs have one MLP size and one head count for all
     layers, so per-layer choices must be equal; they require the hidden size to be a
@@ -499,7 +535,9 @@ def export_hf(
         )
     data.pop("model_type", None)
     hf_config = CONFIG_MAPPING[source_config["model_type"]](**data)
-    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    weight = model.embed_tokens.weight
+    with torch.device(weight.device):  # built where the weights are (no host round trip on a GPU)
+        hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=weight.dtype)
     state = flextron_to_hf_state(model, width, heads)
     result = hf_model.load_state_dict(state, strict=False)
     unexpected_missing = [
@@ -511,21 +549,7 @@ def export_hf(
         )
     if getattr(hf_config, "tie_word_embeddings", False):
         hf_model.tie_weights()
-    out = Path(out)
-    hf_model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    atomic_write_json(
-        out / "flextron_export.json",
-        {
-            "mlp_width": width,
-            "heads": heads,
-            "kv_heads": kv_heads,
-            "mlp_choice": mlp_choices[0],
-            "attention_choice": attention_choices[0],
-        },
-    )
-    return out
+    return hf_model.eval(), width, heads
 
 
 def flextron_to_hf_state(model: ElasticLM, width: int, heads: int) -> dict[str, Tensor]:

@@ -1,6 +1,7 @@
 """Token-routed elastic MLP (flextron.elastic_mlp, SwiGLU) vs baselines measured in the same
 run: the dense full-width MLP, and the per-group torch loop that slices the weights for each
-width (reference.elastic_mlp). Also times the routing alone (route_plan + permute +
+width (reference.elastic_mlp); forward alone, and a training step (forward + backward to
+the input and the weights). Also times the routing alone (route_plan + permute +
 unpermute) as a share of the routed MLP.
 
 At mean width fraction r the FLOP-proportional ideal is r x the dense MLP time.
@@ -13,8 +14,10 @@ from pathlib import Path
 import torch
 
 import flextron
-from benchmarks.common import (
+from flextron import reference
+from flextron.benchmarks.common import (
     MIXES,
+    BenchOptions,
     Results,
     choices_for_mix,
     mean_fraction,
@@ -22,7 +25,6 @@ from benchmarks.common import (
     run_mlp_shape_sweep,
     time_ms,
 )
-from flextron import reference
 
 
 def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -58,6 +60,25 @@ def bench_case(
         lambda: reference.elastic_mlp(x, choice, widths=widths, **params), device, repeat=repeat
     )
     routing_ms = time_ms(lambda: routing_only(x, choice, widths), device, repeat=repeat)
+    trained = {k: v.detach().requires_grad_() for k, v in params.items()}
+    x_train = x.detach().requires_grad_()
+
+    def step(mlp) -> None:
+        mlp().float().sum().backward()
+
+    ours_train_ms = time_ms(
+        lambda: step(lambda: flextron.elastic_mlp(x_train, choice, widths=widths, **trained)),
+        device,
+        repeat=repeat,
+    )
+    dense_train_ms = time_ms(
+        lambda: step(lambda: reference.dense_mlp(x_train, **trained)), device, repeat=repeat
+    )
+    loop_train_ms = time_ms(
+        lambda: step(lambda: reference.elastic_mlp(x_train, choice, widths=widths, **trained)),
+        device,
+        repeat=repeat,
+    )
     counts = torch.bincount(choice, minlength=len(widths)).tolist()
     useful = 3 * 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
     results.add(
@@ -78,13 +99,17 @@ def bench_case(
         vs_ideal=ours_ms / (ratio * dense_ms),
         speedup_vs_loop=loop_ms / ours_ms,
         routing_share=routing_ms / ours_ms,
+        ours_train_ms=ours_train_ms,
+        dense_train_ms=dense_train_ms,
+        loop_train_ms=loop_train_ms,
+        train_fraction_of_dense=ours_train_ms / dense_train_ms,
+        train_speedup_vs_loop=loop_train_ms / ours_train_ms,
     )
 
 
-def main(argv: list[str] | None = None) -> Path:
+def run(options: BenchOptions) -> Path:
     return run_mlp_shape_sweep(
         "elastic_mlp",
-        __doc__,
         bench_case,
         [
             "shape",
@@ -95,10 +120,8 @@ def main(argv: list[str] | None = None) -> Path:
             "vs_ideal",
             "speedup_vs_loop",
             "routing_share",
+            "train_fraction_of_dense",
+            "train_speedup_vs_loop",
         ],
-        argv,
+        options,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,6 @@ nothing here asserts on speed.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import statistics
@@ -24,6 +23,29 @@ from flextron.latency import device_name as flextron_device_name
 def default_out_dir(device: str) -> Path:
     """Where a run writes unless told otherwise: runs/ (git-ignored), dated."""
     return Path("runs") / f"bench-{dt.date.today().isoformat()}-{device}"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What every benchmark suite takes. ``device`` is ``"cpu"`` or ``"cuda"`` (the current
+    GPU); GPU shapes are the large ones (Llama-2-7B / Llama-3-8B), CPU shapes small ones."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    quick: bool = False  # fewer shapes and repeats: a smoke run
+    out: Path = field(default_factory=lambda: default_out_dir("cpu"))
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"benchmark device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def repeat(self, cpu_full: int) -> int:
+        """Timed repeats per measurement: 20 on the GPU, ``cpu_full`` on the CPU (3 if quick)."""
+        return 20 if self.on_gpu else (3 if self.quick else cpu_full)
 
 
 # MLP shapes (hidden H, inner D) and token counts: Llama-2-7B / Llama-3-8B on the GPU,
@@ -126,36 +148,37 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def run_mlp_shape_sweep(
     benchmark: str,
-    description: str,
     bench_case: Callable[..., None],
     table_columns: list[str],
-    argv: list[str] | None,
+    options: BenchOptions,
 ) -> Path:
-    """The command line shared by the MLP-shaped benchmarks: sweep shapes x tokens x mixes,
-    print a table, write JSON. `bench_case(results, device, dtype, name, hidden, inner,
-    tokens, mix_name, repeat)` measures one case and adds its row."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<date>-<device>")
-    args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
-    tokens_list = GPU_TOKENS if args.device == "cuda" else CPU_TOKENS
-    if args.quick:
+    """The sweep shared by the MLP-shaped benchmarks: shapes x tokens x mixes, a printed
+    table and JSON. ``bench_case(results, device, dtype, name, hidden, inner, tokens,
+    mix_name, repeat)`` measures one case and adds its row."""
+    shapes = GPU_SHAPES if options.on_gpu else CPU_SHAPES
+    tokens_list = GPU_TOKENS if options.on_gpu else CPU_TOKENS
+    if options.quick:
         shapes = dict(list(shapes.items())[:1])
-        tokens_list = tokens_list[:2]
-    repeat = 20 if args.device == "cuda" else (3 if args.quick else 9)
-    results = Results(benchmark, args.device)
-    results.write_as_you_go(args.out or default_out_dir(args.device))
-    print(f"{benchmark} benchmark on {results.device_name}, {dtype}")
+        tokens_list = tokens_list[:2] if options.on_gpu else tokens_list[:1]
+    results = Results(benchmark, options.device)
+    results.write_as_you_go(options.out)
+    print(f"{benchmark} benchmark on {results.device_name}, {options.dtype}")
     for name, (hidden, inner) in shapes.items():
         for tokens in tokens_list:
             for mix_name in MIXES:
-                bench_case(results, args.device, dtype, name, hidden, inner, tokens, mix_name, repeat)
+                bench_case(
+                    results,
+                    options.device,
+                    options.dtype,
+                    name,
+                    hidden,
+                    inner,
+                    tokens,
+                    mix_name,
+                    options.repeat(9),
+                )
     print_table(results.rows, table_columns)
-    path = results.write(args.out or default_out_dir(args.device))
+    path = results.write(options.out)
     print(f"wrote {path}")
     return path
 

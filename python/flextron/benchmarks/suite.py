@@ -1,0 +1,128 @@
+"""The benchmark suites behind ``flextron bench``: run them on one device, write each one's
+JSON (rewritten after every row) and plots, and summarize the ratios against the baselines
+measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from flextron.benchmarks import elastic_attention, elastic_mlp, model, nested_linear
+from flextron.benchmarks.common import BenchOptions, save_bar_plots
+
+Suite = Literal["kernels", "attention", "model"]
+SUITES: tuple[str, ...] = get_args(Suite)
+
+
+@dataclass
+class BenchReport:
+    results: list[Path] = field(default_factory=list)  # one JSON per benchmark
+    plots: list[Path] = field(default_factory=list)
+    summary: list[dict] = field(default_factory=list)  # one row per benchmark (median ratios)
+
+
+def run(suites: tuple[str, ...], options: BenchOptions) -> BenchReport:
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown or not suites:
+        raise ValueError(f"benchmark suites are {list(SUITES)}, got {list(suites)}")
+    report = BenchReport()
+    if "kernels" in suites:
+        paths = [nested_linear.run(options), elastic_mlp.run(options)]
+        report.results += paths
+        report.plots.append(_plot_kernels(paths, options.out / f"kernels-{options.device}.png"))
+    if "attention" in suites:
+        path = elastic_attention.run(options)
+        report.results.append(path)
+        report.plots.append(options.out / f"elastic_attention-{options.device}.png")
+    if "model" in suites:
+        path = model.run(options)
+        report.results.append(path)
+        report.plots.append(_plot_model(path, options.out / f"elastic_model-{options.device}.png"))
+    report.summary = [summarize(json.loads(p.read_text())) for p in report.results]
+    print("\n" + format_summary(report.summary))
+    return report
+
+
+def summarize(data: dict) -> dict:
+    """Median ratios of one benchmark's rows (time / baseline time: lower is better)."""
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in data["rows"] if isinstance(r.get(key), float | int)]
+        return statistics.median(values) if values else None
+
+    return {
+        "benchmark": data["benchmark"],
+        "device": data["device_name"],
+        "rows": len(data["rows"]),
+        "time_vs_dense": median("fraction_of_dense") or median("fraction_of_full"),
+        "ideal": median("ideal_fraction") or median("mean_fraction"),
+        "time_vs_ideal": median("vs_ideal"),
+        "speedup_vs_loop": median("speedup_vs_loop"),
+        "time_vs_static_sliced": median("vs_sliced") or median("vs_transformers"),
+        "routing_share": median("routing_share"),
+    }
+
+
+def format_summary(rows: list[dict]) -> str:
+    columns = [
+        ("benchmark", "benchmark"),
+        ("rows", "rows"),
+        ("time_vs_dense", "time / dense (full width)"),
+        ("ideal", "FLOP-proportional ideal"),
+        ("time_vs_ideal", "time / ideal"),
+        ("speedup_vs_loop", "speed-up vs per-group torch loop"),
+        ("time_vs_static_sliced", "time / plain torch model of that size"),
+        ("routing_share", "routing share"),
+    ]
+    device = rows[0]["device"] if rows else "?"
+    lines = [
+        f"Medians over each benchmark's rows on {device} (all measured in this run):",
+        "| " + " | ".join(title for _, title in columns) + " |",
+        "| --- |" + " ---: |" * (len(columns) - 1),
+    ]
+    for row in rows:
+        cells = [row[key] for key, _ in columns]
+        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _plot_kernels(json_paths: list[Path], out: Path) -> Path:
+    panels = []
+    for path in json_paths:
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        labels = [
+            f"{r.get('op', 'mlp').replace('nested_', '')}\n{r['shape']} T={r['tokens']}\n{r['mix']}"
+            for r in rows
+        ]
+        series = {
+            "ideal (FLOP share)": [r.get("ideal_fraction", r.get("mean_fraction")) for r in rows],
+            "flextron": [r["fraction_of_dense"] for r in rows],
+            "per-group torch loop": [r["loop_ms"] / r["dense_ms"] for r in rows],
+        }
+        panels.append((data, labels, series, "time / dense full-width time (lower is better)"))
+    return save_bar_plots(panels, out)
+
+
+def _plot_model(json_path: Path, out: Path) -> Path:
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    labels = [f"{r['shape']} T={r['tokens']}\n{r['case']}" for r in rows]
+    series = {
+        "ideal (FLOP share)": [r["ideal_fraction"] for r in rows],
+        "flextron": [r["fraction_of_full"] for r in rows],
+        "transformers, same size": [
+            r["transformers_ms"] / (r["ours_ms"] / r["fraction_of_full"]) if r["transformers_ms"] else 0.0
+            for r in rows
+        ],
+    }
+    return save_bar_plots([(data, labels, series, "time / flextron full-width time (lower is better)")], out)

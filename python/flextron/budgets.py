@@ -1,0 +1,164 @@
+"""A budget -> the routing that serves it.
+
+A checkpoint written by router training (``flextron train --stage routers`` or ``joint``)
+holds trained routers: a budget is then a latency target and the router picks each layer's
+widths (static routers) or each token's (token routers). Any other elastic checkpoint has
+its uniform sub-network table (measured at conversion): a budget is then the share of the
+layer weights to keep, and the lowest-loss uniform sub-network that fits serves it.
+``method="auto"`` takes the routers when there are some; ``"router"`` and ``"uniform"``
+force one or the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from safetensors.torch import load_file
+
+from flextron.checkpoint import ROUTERS, CheckpointError
+from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
+from flextron.routers import StaticRouter, TokenRouter, TokenRouting
+
+RoutingMethod = Literal["auto", "router", "uniform"]
+ROUTING_METHODS: tuple[str, ...] = get_args(RoutingMethod)
+
+
+@dataclass
+class BudgetRouting:
+    """How one budget is served. ``mlp_choices``/``attention_choices`` are per layer for
+    static routings and None for a token router (each token decides while the model runs)."""
+
+    budget: float
+    method: str  # "uniform", "static router" or "token router"
+    routing: Routing | TokenRouting
+    mlp_choices: tuple[int, ...] | None
+    attention_choices: tuple[int, ...] | None
+
+    def widths(self, config: ElasticConfig) -> tuple[str, str]:
+        """The MLP widths and head counts, summarized as ``"1536x20 1152x10"`` (value x layers)."""
+        if self.mlp_choices is None or self.attention_choices is None:
+            return "per token", "per token"
+        return (
+            summarize([config.mlp_widths[m] for m in self.mlp_choices]),
+            summarize([config.head_choices[a] for a in self.attention_choices]),
+        )
+
+    def active_fraction(self, config: ElasticConfig) -> float:
+        """The layer weights in use as a share of the full layers': per layer for static
+        routings; for a token router, the mean over every token and layer it has routed so far."""
+        if self.mlp_choices is not None and self.attention_choices is not None:
+            fractions = [
+                config.layer_fraction(m, a)
+                for m, a in zip(self.mlp_choices, self.attention_choices, strict=True)
+            ]
+            return sum(fractions) / len(fractions)
+        assert isinstance(self.routing, TokenRouting)
+        if not self.routing.choices:
+            raise RuntimeError("a token router's active fraction is known once it has routed a forward pass")
+        table = torch.tensor(
+            [
+                [config.layer_fraction(m, a) for a in range(len(config.head_choices))]
+                for m in range(len(config.mlp_widths))
+            ]
+        )
+        total, count = 0.0, 0
+        for mlp, attention in self.routing.choices:
+            values = table[mlp.cpu(), attention.cpu()]
+            total += values.sum().item()
+            count += values.numel()
+        return total / count
+
+
+def summarize(values: Sequence[int]) -> str:
+    counts = {v: list(values).count(v) for v in sorted(set(values), reverse=True)}
+    return " ".join(f"{v}x{n}" for v, n in counts.items())
+
+
+def router_metadata(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The routers a checkpoint's metadata describes (kind, budgets, hidden size), or None."""
+    return record.get("routers")
+
+
+def load_router(
+    directory: str | Path, record: dict[str, Any], config: ElasticConfig, device: torch.device | str = "cpu"
+) -> StaticRouter | TokenRouter | None:
+    """The trained routers saved next to an elastic checkpoint, or None if it has none."""
+    meta = router_metadata(record)
+    if meta is None:
+        return None
+    path = Path(directory) / ROUTERS
+    if not path.is_file():
+        raise CheckpointError(f"{directory} describes routers but has no {ROUTERS}")
+    kinds = {"static": StaticRouter, "token": TokenRouter}
+    if meta.get("kind") not in kinds:
+        raise CheckpointError(f"{directory}: unknown router kind {meta.get('kind')!r}")
+    router = kinds[meta["kind"]](config, meta["budgets"], meta["hidden"])
+    try:
+        router.load_state_dict(load_file(path, device=str(device)))
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path} does not match the model's routers: {str(e).splitlines()[0]}"
+        ) from None
+    return router.to(device).eval()
+
+
+class BudgetResolver:
+    """Budgets -> routings for one model: with ``router`` (static or token), the router's
+    choice; without, the lowest-loss uniform sub-network of ``losses`` that fits (see the
+    module docstring). :meth:`for_checkpoint` builds one from a saved checkpoint."""
+
+    def __init__(
+        self,
+        model: ElasticLM,
+        router: StaticRouter | TokenRouter | None = None,
+        losses: Sequence[UniformLoss] = (),
+    ) -> None:
+        self.config = model.config
+        self.router = router
+        self.losses = list(losses)
+
+    @classmethod
+    def for_checkpoint(
+        cls,
+        model: ElasticLM,
+        record: dict[str, Any],
+        directory: str | Path,
+        method: RoutingMethod = "auto",
+    ) -> BudgetResolver:
+        """``record`` is the checkpoint's metadata (as :func:`flextron.load_elastic` returns it)."""
+        if method not in ROUTING_METHODS:
+            raise ValueError(f"routing must be one of {list(ROUTING_METHODS)}, got {method!r}")
+        device = next(model.parameters()).device
+        router = None if method == "uniform" else load_router(directory, record, model.config, device)
+        if method == "router" and router is None:
+            raise ValueError(
+                f"{directory} has no trained routers (train them with `flextron train --stage routers`)"
+            )
+        losses = [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]
+        return cls(model, router, losses)
+
+    @property
+    def method(self) -> str:
+        if self.router is None:
+            return "uniform"
+        return "token router" if isinstance(self.router, TokenRouter) else "static router"
+
+    def __call__(self, budget: float) -> BudgetRouting:
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        layers = self.config.num_layers
+        if isinstance(self.router, StaticRouter):
+            with torch.no_grad():
+                output = self.router(budget)
+            mlp, attention = tuple(output.mlp_choice), tuple(output.attention_choice)
+            return BudgetRouting(budget, self.method, Routing(list(mlp), list(attention)), mlp, attention)
+        if isinstance(self.router, TokenRouter):
+            self.router.encode(budget)  # a budget outside the trained range: a clear error now
+            return BudgetRouting(budget, self.method, self.router.route(budget), None, None)
+        choice = choices_for_budget(self.config, budget, self.losses)
+        mlp, attention = (choice.mlp,) * layers, (choice.attention,) * layers
+        return BudgetRouting(budget, self.method, Routing(list(mlp), list(attention)), mlp, attention)
