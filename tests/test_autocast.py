@@ -14,6 +14,13 @@ from flextron.model import ElasticConfig, ElasticLM, Routing
 from tests.helpers import assert_close_to_reference
 
 
+def tiny_config() -> ElasticConfig:
+    return ElasticConfig(
+        architecture="llama", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=128, mlp_widths=(128, 64), head_choices=(4, 2),
+    )  # fmt: skip
+
+
 def autocast_kind(device: str) -> str:
     return torch.device(device).type
 
@@ -71,10 +78,7 @@ def test_token_routed_attention_under_autocast(device):
 
 
 def test_token_routed_model_trains_under_autocast():
-    config = ElasticConfig(
-        architecture="llama", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=16, intermediate_size=128, mlp_widths=(128, 64), head_choices=(4, 2),
-    )  # fmt: skip
+    config = tiny_config()
     torch.manual_seed(0)
     model = ElasticLM(config)
     ids = torch.randint(0, 100, (2, 10))
@@ -88,3 +92,14 @@ def test_token_routed_model_trains_under_autocast():
     logits.float().logsumexp(-1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_latency_table_records_the_autocast_dtype():
+    from flextron.latency import measure
+
+    config = tiny_config()
+    model = ElasticLM(config)
+    assert measure(model, 1, 8, repeat=1, warmup=0, progress=False).dtype == "float32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        table = measure(model, 1, 8, repeat=1, warmup=0, progress=False)
+    assert table.dtype == "bfloat16" and len(table.mlp_ms) == 2

@@ -108,13 +108,15 @@ def measure(
     progress: bool = True,
 ) -> LatencyTable:
     """Time layer 0 of ``model`` (every layer has the same shapes) at each choice, and the
-    fixed part, on the model's device and dtype."""
+    fixed part, on the model's device and dtype (the autocast dtype under torch.autocast)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
+    # Under torch.autocast (mixed-precision training) the layers compute in its dtype.
+    compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
     config = model.config
     layer = model.layers[0]
     steps = seq_len if phase == "prefill" else 1
@@ -153,7 +155,7 @@ def measure(
     return LatencyTable(
         device=str(device),
         device_name=device_name(device),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(compute_dtype).removeprefix("torch."),
         phase=phase,
         batch_size=batch_size,
         seq_len=seq_len,

@@ -372,7 +372,10 @@ class Trainer:
         if self.config.lut:
             table = LatencyTable.load(self.config.lut)
         else:
-            table = measure(self.model, self.config.batch_size, self.config.seq_len, progress=self.progress)
+            with self._autocast():  # timed in the dtype the routed model will run in
+                table = measure(
+                    self.model, self.config.batch_size, self.config.seq_len, progress=self.progress
+                )
         if table.num_layers != self.model.config.num_layers or len(table.mlp_ms) != len(
             self.model.config.mlp_widths
         ):
