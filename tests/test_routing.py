@@ -222,3 +222,20 @@ def test_compile_routing():
     x = torch.randn(10, 3)
     choice = torch.randint(0, 2, (10,))
     torch.testing.assert_close(compiled(x, choice), x * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_views_at_any_element_offset(device, dtype):
+    """A contiguous view may start at any element: the vectorized row copies must not
+    assume 16-byte aligned base addresses."""
+    gen = torch.Generator().manual_seed(11)
+    tokens, cols = 37, 64
+    for shift in range(1, 4):
+        flat = torch.randn(tokens * cols + shift, generator=gen).to(dtype).to(device)
+        x = flat[shift:].view(tokens, cols)
+        choice = random_choice(tokens, 3, device, gen)
+        plan = flextron.route_plan(choice, [64, 32, 16])
+        torch.testing.assert_close(flextron.permute(x, plan), reference.permute(x, plan.perm), rtol=0, atol=0)
+        torch.testing.assert_close(
+            flextron.unpermute(x, plan), reference.unpermute(x, plan.perm), rtol=0, atol=0
+        )

@@ -26,6 +26,14 @@ void check_gpu_alignment(const std::vector<int64_t>& widths,
   }
 }
 
+// Contiguous and 16-byte aligned (TMA needs aligned base addresses): a contiguous view with
+// an odd storage offset is copied to a fresh allocation.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
 bool use_sm90(const at::Tensor& a) {
 #ifdef FLEXTRON_HAS_SM90
   if (a.scalar_type() != at::kBFloat16 && a.scalar_type() != at::kHalf) return false;
@@ -87,8 +95,8 @@ at::Tensor nested_linear_n_cuda(const at::Tensor& x, const at::Tensor& weight,
   const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kN);
   check_gpu_alignment(problem.widths, {{"K (x.size(1))", x.size(1)}, {"Nmax (weight.size(0))", weight.size(0)}});
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto a = x.contiguous();
-  const auto w = weight.contiguous();
+  const auto a = aligned_contiguous(x);
+  const auto w = aligned_contiguous(weight);
   if (a.size(1) == 0) return at::zeros({a.size(0), w.size(0)}, a.options());
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
   if (a.size(0) == 0) return out;
@@ -102,8 +110,8 @@ at::Tensor nested_linear_k_cuda(const at::Tensor& x, const at::Tensor& weight,
   const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kK);
   check_gpu_alignment(problem.widths, {{"Kmax (x.size(1))", x.size(1)}, {"N (weight.size(0))", weight.size(0)}});
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto a = x.contiguous();
-  const auto w = weight.contiguous();
+  const auto a = aligned_contiguous(x);
+  const auto w = aligned_contiguous(weight);
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
   if (a.size(0) == 0 || w.size(0) == 0) return out;
   run_nested_gemm(NestedGemmKind::kNestedK, a, w, out, offsets, problem.widths);
@@ -116,8 +124,8 @@ at::Tensor nested_weight_grad_cuda(const at::Tensor& grad_out, const at::Tensor&
       check_nested_inputs(grad_out, "grad_out", x, "x", offsets, widths, NestedDim::kWeightGrad);
   check_gpu_alignment(problem.widths, {{"Nmax (grad_out.size(1))", grad_out.size(1)}, {"K (x.size(1))", x.size(1)}});
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dy = grad_out.contiguous();
-  const auto a = x.contiguous();
+  const auto dy = aligned_contiguous(grad_out);
+  const auto a = aligned_contiguous(x);
   // Bands of empty token prefixes and rows past widths[0] receive no GEMM: start from zeros.
   auto out = at::zeros({dy.size(1), a.size(1)}, a.options());
   if (a.size(0) == 0 || a.size(1) == 0) return out;

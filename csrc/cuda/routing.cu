@@ -131,15 +131,20 @@ void move_rows(const at::Tensor& in, at::Tensor& out, const at::Tensor& perm) {
         perm.data_ptr<int64_t>(), rows, vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // Allocations are 256-byte aligned and rows are contiguous, so the widest vector that
-  // divides the row size is aligned for every row.
-  if (row_bytes % 16 == 0) {
+  // The widest vector that divides the row size and both base addresses (a contiguous view
+  // may start at any element) is aligned for every row.
+  const auto fits = [&](size_t bytes) {
+    return row_bytes % static_cast<int64_t>(bytes) == 0 &&
+           reinterpret_cast<uintptr_t>(in.data_ptr()) % bytes == 0 &&
+           reinterpret_cast<uintptr_t>(out.data_ptr()) % bytes == 0;
+  };
+  if (fits(16)) {
     launch(uint4{});
-  } else if (row_bytes % 8 == 0) {
+  } else if (fits(8)) {
     launch(uint2{});
-  } else if (row_bytes % 4 == 0) {
+  } else if (fits(4)) {
     launch(uint32_t{});
-  } else if (row_bytes % 2 == 0) {
+  } else if (fits(2)) {
     launch(uint16_t{});
   } else {
     launch(uint8_t{});
