@@ -92,8 +92,9 @@ def test_joint_training_with_token_routers(elastic, texts, tmp_path, table):
     model, router = trainer.model.eval(), trainer.router
     assert (tmp_path / "checkpoint-000006" / "routers.safetensors").is_file()
     # Six steps of a latency penalty push every token to the cheapest choice; spread the
-    # output layers' logits to check per-token routing itself.
+    # output layers' logits (and drop the prior) to check per-token routing itself.
     with torch.no_grad():
+        router.prior.zero_()  # the warm start's preference would hide the per-token choices
         for net in router.nets:
             net[-1].weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     ids = trainer.windows.batch(0, 2, 0, 1)
@@ -221,6 +222,8 @@ def test_static_router_inference_is_deterministic(elastic):
         ({"steps": 0}, "steps must be positive"),
         ({"budgets": [1.5]}, "budgets must be in \\(0, 1\\]"),
         ({"p_full": 2}, "p_full must be in \\[0, 1\\]"),
+        ({"router_prior": -1.0}, "router_prior must be >= 0"),
+        ({"dtype": "int8"}, "dtype must be one of"),
     ],
 )
 def test_bad_configs(settings, message):
@@ -286,3 +289,50 @@ def test_joint_training_lowers_the_lm_loss(elastic, texts, tmp_path, table):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     losses = [row["lm_loss"] for row in log if "lm_loss" in row]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+
+
+def test_uniform_start_picks_the_best_fitting_uniform_subnetwork():
+    from flextron.model import UniformLoss
+    from flextron.training import uniform_start
+
+    # full = 1 + 2 * (4 + 2) = 13 ms; uniform (m, a): (0,0) 13, (0,1) 11, (1,0) 9, (1,1) 7
+    table = LatencyTable("cpu", "synthetic", "float32", "prefill", 4, 32, 2, [4.0, 2.0], [2.0, 1.0], 1.0)
+    losses = [UniformLoss(0, 0, 3.0), UniformLoss(0, 1, 3.5), UniformLoss(1, 0, 3.2), UniformLoss(1, 1, 4.0)]
+    assert uniform_start(table, 1.0, losses) == (0, 0)
+    assert uniform_start(table, 0.85, losses) == (1, 0)  # (0,1) fits too but loses more
+    assert uniform_start(table, 0.85, []) == (0, 1)  # without losses: the slowest that fits
+    assert uniform_start(table, 0.3, losses) == (1, 1)  # nothing fits: the fastest
+
+
+@pytest.mark.parametrize("router", ["static", "token"])
+def test_routers_start_from_the_uniform_table(elastic, texts, tmp_path, table, router):
+    config = TrainConfig(stage="routers", router=router, steps=1, lut=str(table), budgets=(1.0, 0.6), **SMALL)
+    trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    from flextron.model import UniformLoss
+    from flextron.training import uniform_start
+
+    losses = [UniformLoss(**e) for e in trainer.record["uniform_losses"]]
+    lut = LatencyTable.load(table)
+    for index, budget in enumerate((0.6, 1.0)):  # the encoding's (ascending) order
+        mlp, attention = uniform_start(lut, budget, losses)
+        assert (trainer.router.prior[index, :, mlp] == 2.0).all()
+        assert (trainer.router.prior[index, :, 2 + attention] == 2.0).all()
+        assert trainer.router.prior[index].sum() == 2.0 * 2 * 2  # two layers, two margins each
+    if router == "static":
+        with torch.no_grad():
+            output = trainer.router(1.0)
+        assert output.mlp_choice == [uniform_start(lut, 1.0, losses)[0]] * 2
+
+
+def test_routers_saved_without_a_prior_still_load(elastic):
+    from flextron.routers import load_router_state
+
+    model, _ = load_elastic(elastic)
+    router = StaticRouter(model.config, (1.0, 0.5))
+    state = {k: v for k, v in router.state_dict().items() if k != "prior"}
+    fresh = StaticRouter(model.config, (1.0, 0.5))
+    with torch.no_grad():
+        fresh.prior.fill_(1.0)
+    load_router_state(fresh, state)
+    assert (fresh.prior == 0).all()
+    torch.testing.assert_close(fresh.logits(0.7)[0], router.logits(0.7)[0])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from flextron.checkpoint import ROUTERS, CheckpointError
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
-from flextron.routers import StaticRouter, TokenRouter, TokenRouting
+from flextron.routers import StaticRouter, TokenRouter, TokenRouting, load_router_state
 
 RoutingMethod = Literal["auto", "router", "uniform"]
 ROUTING_METHODS: tuple[str, ...] = get_args(RoutingMethod)
@@ -98,7 +98,7 @@ def load_router(
         raise CheckpointError(f"{directory}: unknown router kind {meta.get('kind')!r}")
     router = kinds[meta["kind"]](config, meta["budgets"], meta["hidden"])
     try:
-        router.load_state_dict(load_file(path, device=str(device)))
+        load_router_state(router, load_file(path, device=str(device)))
     except RuntimeError as e:
         raise CheckpointError(
             f"{path} does not match the model's routers: {str(e).splitlines()[0]}"

@@ -216,16 +216,17 @@ def plot(rows: list[BudgetRow], path: Path, layers: int) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r.latency_ms for r in rows], [r.perplexity for r in rows], "o-")
-    for r in rows:
+    for i, r in enumerate(rows):  # alternate label heights: neighbours can be close
         ax.annotate(
             r.name,
             (r.latency_ms, r.perplexity),
             fontsize=7,
-            xytext=(4, 4),
+            xytext=(4, 6 if i % 2 else -12),
             textcoords="offset points",
         )
+    ax.set_yscale("log")
     ax.set_xlabel("measured latency (ms)")
-    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_ylabel("held-out perplexity (log; lower is better)")
     ax.set_title(f"flextron demo: SmolLM2-135M ({layers} layers), latency vs perplexity", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -87,24 +87,58 @@ class RouterOutput:
         return torch.cat([self.mlp_probs.flatten(), self.attention_probs.flatten()])
 
 
+def prior_logits(
+    layers: int, mlp_choices: int, attention_choices: int, starts: Sequence[tuple[int, int]], margin: float
+) -> Tensor:
+    """``[budgets, layers, mlp_choices + attention_choices]``: ``margin`` on each budget's
+    starting (MLP, attention) choice in every layer, 0 elsewhere."""
+    prior = torch.zeros(len(starts), layers, mlp_choices + attention_choices)
+    for b, (mlp, attention) in enumerate(starts):
+        prior[b, :, mlp] = margin
+        prior[b, :, mlp_choices + attention] = margin
+    return prior
+
+
+def load_router_state(router: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load saved router weights; routers saved before the prior existed get a zero prior
+    (what they computed)."""
+    tensors = dict(tensors)
+    if "prior" not in tensors:
+        tensors["prior"] = torch.zeros_like(router.prior)
+    router.load_state_dict(tensors)
+
+
 class StaticRouter(nn.Module):
-    """Budget -> one MLP choice and one head choice per layer."""
+    """Budget -> one MLP choice and one head choice per layer.
+
+    The logits are a 2-layer MLP of the budget encoding plus a per-budget prior (a bias per
+    trained budget, blended like the encoding). The prior starts at zero (no preference) or,
+    with :meth:`warm_start`, on a chosen sub-network per budget.
+    """
 
     def __init__(self, config: ElasticConfig, budgets: Sequence[float], hidden: int = 64) -> None:
         super().__init__()
         self.encode = BudgetEncoding(budgets)
         self.layers = config.num_layers
         self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_choices)
+        width = self.mlp_choices + self.attention_choices
         self.net = nn.Sequential(
-            nn.Linear(len(self.encode), hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, self.layers * (self.mlp_choices + self.attention_choices)),
+            nn.Linear(len(self.encode), hidden), nn.ReLU(), nn.Linear(hidden, self.layers * width)
         )
+        self.prior = nn.Parameter(torch.zeros(len(self.encode), self.layers, width))
         with torch.no_grad():  # no preference at the start: every choice gets explored
             self.net[-1].bias.zero_()
 
+    def warm_start(self, starts: Sequence[tuple[int, int]], margin: float) -> None:
+        """Start each budget (in :attr:`encode` order, ascending) from one uniform choice."""
+        with torch.no_grad():
+            self.prior.copy_(
+                prior_logits(self.layers, self.mlp_choices, self.attention_choices, starts, margin)
+            )
+
     def logits(self, budget: float) -> tuple[Tensor, Tensor]:
-        out = self.net(self.encode(budget, self.net[0].weight.device)).view(self.layers, -1)
+        encoding = self.encode(budget, self.prior.device)
+        out = self.net(encoding).view(self.layers, -1) + torch.einsum("b,blc->lc", encoding, self.prior)
         return out[:, : self.mlp_choices], out[:, self.mlp_choices :]
 
     def forward(self, budget: float, temperature: float | None = None, generator=None) -> RouterOutput:
@@ -135,11 +169,13 @@ class StaticRouter(nn.Module):
 
 
 class TokenRouter(nn.Module):
-    """Per layer: hidden state of each token + budget encoding -> its MLP and head choices."""
+    """Per layer: hidden state of each token + budget encoding -> its MLP and head choices,
+    plus a per-budget prior as in :class:`StaticRouter`."""
 
     def __init__(self, config: ElasticConfig, budgets: Sequence[float], hidden: int = 64) -> None:
         super().__init__()
         self.encode = BudgetEncoding(budgets)
+        self.layers = config.num_layers
         self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_choices)
         self.nets = nn.ModuleList(
             nn.Sequential(
@@ -149,9 +185,19 @@ class TokenRouter(nn.Module):
             )
             for _ in range(config.num_layers)
         )
+        self.prior = nn.Parameter(
+            torch.zeros(len(self.encode), config.num_layers, self.mlp_choices + self.attention_choices)
+        )
         with torch.no_grad():
             for net in self.nets:
                 net[-1].bias.zero_()
+
+    def warm_start(self, starts: Sequence[tuple[int, int]], margin: float) -> None:
+        """Start each budget (in :attr:`encode` order, ascending) from one uniform choice."""
+        with torch.no_grad():
+            self.prior.copy_(
+                prior_logits(self.layers, self.mlp_choices, self.attention_choices, starts, margin)
+            )
 
     def route(self, budget: float, temperature: float | None = None, generator=None) -> TokenRouting:
         return TokenRouting(self, budget, temperature, generator)
@@ -169,8 +215,9 @@ class TokenRouting:
 
     def layer(self, index: int, x: Tensor) -> LayerRoute:
         net = self.router.nets[index]
-        encoding = self.router.encode(self.budget, x.device).to(x.dtype).expand(*x.shape[:-1], -1)
-        logits = net(torch.cat([x.detach(), encoding], dim=-1)).float()
+        budget = self.router.encode(self.budget, x.device)
+        encoding = budget.to(x.dtype).expand(*x.shape[:-1], -1)
+        logits = net(torch.cat([x.detach(), encoding], dim=-1)).float() + budget @ self.router.prior[:, index]
         mlp_logits, attention_logits = (
             logits[..., : self.router.mlp_choices],
             logits[..., self.router.mlp_choices :],

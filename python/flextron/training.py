@@ -5,7 +5,8 @@
   full model;
 - ``routers``: model frozen; routers learn from a surrogate model of the LM loss and the
   latency table: ``SM(p) + latency_weight * |expected_latency(p) / target - 1|``, updated only
-  while the surrogate's error is under ``surrogate_threshold``;
+  while the surrogate's error is under ``surrogate_threshold``; fresh routers start from
+  each budget's best uniform sub-network on the table (:func:`uniform_start`);
 - ``joint``: model and routers together, LM loss + the latency term, no surrogate.
 
 A router *budget* is a latency target: ``budget * full-width latency`` on the table.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -51,8 +53,8 @@ from flextron.checkpoint import (
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
 from flextron.latency import LatencyTable, measure
-from flextron.model import ElasticLM, Routing
-from flextron.routers import RouterOutput, StaticRouter, TokenRouter
+from flextron.model import ElasticLM, Routing, UniformLoss
+from flextron.routers import RouterOutput, StaticRouter, TokenRouter, load_router_state
 from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_dtype
 from flextron.surrogate import Surrogate, SurrogateTrainer
 
@@ -82,9 +84,10 @@ class TrainConfig:
     loss: Literal["ce", "kl", "ce+kl"] = "ce"
     router: Literal["static", "token"] = "static"
     router_hidden: int = 64
+    router_prior: float = 2.0  # logit margin on each budget's best uniform sub-network at the start
     temperature_start: float = 1.0
     temperature_end: float = 0.1
-    latency_weight: float = 5.0
+    latency_weight: float = 20.0  # a budget is a target to meet: missing it by 5% costs 1 nat
     surrogate_threshold: float = 0.05
     eval_every: int = 0  # steps; 0 = at the end only
     eval_tokens: int = 2048
@@ -127,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"p_full must be in [0, 1], got {self.p_full}")
         if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
             raise ValueError(f"budgets must be in (0, 1], got {list(self.budgets)}")
+        if self.router_prior < 0:
+            raise ValueError(f"router_prior must be >= 0, got {self.router_prior}")
         if not 0 < self.temperature_end <= self.temperature_start:
             raise ValueError("temperatures must satisfy 0 < temperature_end <= temperature_start")
         if self.lr <= 0 or self.router_lr <= 0:
@@ -207,6 +212,19 @@ def kl_to_teacher(logits: Tensor, teacher_logits: Tensor) -> Tensor:
     student = F.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
     teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def uniform_start(table: LatencyTable, budget: float, losses: Sequence[UniformLoss]) -> tuple[int, int]:
+    """The uniform (MLP, attention) choice a router starts from at ``budget`` (a latency
+    fraction): the lowest calibration loss among those within the budget on ``table``
+    (without losses, the slowest within it); the fastest if none is."""
+    loss_of = {(e.mlp, e.attention): e.loss for e in losses}
+    target = budget * table.full_ms() * (1 + 1e-9)
+    pairs = list(itertools.product(range(len(table.mlp_ms)), range(len(table.attention_ms))))
+    fitting = [p for p in pairs if table.uniform_ms(*p) <= target]
+    if not fitting:
+        return min(pairs, key=lambda p: table.uniform_ms(*p))
+    return min(fitting, key=lambda p: (loss_of.get(p, math.inf), -table.uniform_ms(*p)))
 
 
 def routing_from(output: RouterOutput) -> Routing:
@@ -293,6 +311,7 @@ class Trainer:
 
         model_config = self.model.config
         self.router: StaticRouter | TokenRouter | None = None
+        router_loaded = False
         if config.stage in ("routers", "joint"):
             kind = StaticRouter if config.router == "static" else TokenRouter
             with torch.random.fork_rng(devices=[]):  # initialized from the run's seed alone
@@ -300,7 +319,8 @@ class Trainer:
                 self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
             saved = (resume_from or source) / ROUTERS
             if saved.is_file() and self._router_meta(resume_from or source) == self._router_signature():
-                self.router.load_state_dict(load_file(saved, device=str(self.device)))
+                load_router_state(self.router, load_file(saved, device=str(self.device)))
+                router_loaded = True
 
         self.teacher = None
         if config.stage == "elastic" and "kl" in config.loss:
@@ -323,6 +343,10 @@ class Trainer:
         self.surrogate: SurrogateTrainer | None = None
         if self.router is not None:
             self.table = self._latency_table(resume_from)
+            if not router_loaded:
+                losses = [UniformLoss(**e) for e in self.record.get("uniform_losses", [])]
+                starts = [uniform_start(self.table, budget, losses) for budget in self.router.encode.budgets]
+                self.router.warm_start(starts, config.router_prior)
             if config.stage == "routers":
                 features = model_config.num_layers * (
                     len(model_config.mlp_widths) + len(model_config.head_choices)
