@@ -2,8 +2,8 @@
 # The GPU check: one command for a lent H200 (or any Hopper machine with nvcc and a CUDA
 # torch). Builds flextron for sm_90a, runs the whole test suite (CUDA tests included) and
 # the benchmarks (`flextron bench`: kernels, attention, model), and writes logs + JSON + plots
-# under $OUT (or ./gpu-results). Sized to finish in under 9 minutes on 16 cores (build ~2,
-# tests ~1.5, benchmarks <= 5.9).
+# under $OUT (or ./gpu-results). Sized to finish in about 8 minutes on 16 cores (build ~2,
+# tests ~1, benchmark suites <= 4.75, gate+up fusion probe <= 0.4), inside a 10-minute call.
 #
 # Offline machines: put the wheels it lacks in .whl/ beforehand (all are installed, no deps):
 #   pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass
@@ -45,8 +45,10 @@ bench() {  # suite, time limit (s)
     tee "$out_dir/bench-$1.log" | tail -30
   return "${PIPESTATUS[0]}"
 }
-bench kernels 170; kernels_status=$?
-bench attention 120; attention_status=$?
-bench model 60; model_status=$?
+bench kernels 150; kernels_status=$?
+bench attention 90; attention_status=$?
+bench model 45; model_status=$?
+echo "== gate+up fusion probe (log: gate-up-probe.log)"
+timeout 25 "$py" -m benchmarks.gate_up_fusion_probe --device cuda --out "$out_dir" >"$out_dir/gate-up-probe.log" 2>&1
 echo "tests exit $tests_status; benchmarks exit: kernels $kernels_status, attention $attention_status, model $model_status"
 exit $((tests_status || kernels_status || attention_status || model_status))
