@@ -9,18 +9,17 @@ import json
 import pytest
 import torch
 
+import flextron
 from flextron import data
 from flextron.budgets import BudgetResolver
-from flextron.checkpoint import load_elastic
+from flextron.checkpoint import load_elastic, stored_losses
 from flextron.conversion import (
     ConvertOptions,
     UnsupportedModelError,
     convert,
     elastic_config_from_hf,
-    export_budget,
     from_hf,
     load_hf,
-    stored_losses,
 )
 from flextron.evaluation import evaluate_budgets, format_table
 from flextron.model import Routing, choices_for_budget
@@ -93,7 +92,7 @@ def test_convert_eval_export(embedded, converted, tmp_path, capsys):
     assert perplexities[0] < 100, perplexities  # the real model, not noise (vocab 49152)
     assert perplexities == sorted(perplexities), perplexities  # smaller budget, higher perplexity
 
-    out = export_budget(converted, 0.75, tmp_path / "export")
+    out = flextron.export(converted, tmp_path / "export", budget=0.75, routing="uniform")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     choice = choices_for_budget(model.config, 0.75, losses)
     assert loaded.config.intermediate_size == model.config.mlp_widths[choice.mlp]

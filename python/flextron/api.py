@@ -124,7 +124,7 @@ def train(
         "stage": stage,
         "steps": steps,
         "budgets": tuple(budgets) if budgets is not None else None,
-        "device": str(resolve_device(device)) if device is not None else None,
+        "device": device,  # checked by the trainer (resolve_device)
         "dtype": dtype,
         "seed": seed,
         "lut": str(lut) if lut is not None else None,
@@ -136,7 +136,6 @@ def train(
         settings = TrainConfig.from_file(config, **given)
     else:
         settings = TrainConfig(**given)
-    resolve_device(settings.device)
     return run_training(
         settings,
         checkpoint,

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import torch
 from safetensors.torch import load_file
 
-from flextron.checkpoint import ROUTERS, CheckpointError
+from flextron.checkpoint import ROUTERS, CheckpointError, stored_losses
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
 from flextron.routers import StaticRouter, TokenRouter, TokenRouting, load_router_state
 
@@ -138,8 +138,7 @@ class BudgetResolver:
             raise ValueError(
                 f"{directory} has no trained routers (train them with `flextron train --stage routers`)"
             )
-        losses = [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]
-        return cls(model, router, losses)
+        return cls(model, router, stored_losses(record))
 
     @property
     def method(self) -> str:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from flextron.model import ElasticConfig, ElasticLM
+from flextron.model import ElasticConfig, ElasticLM, UniformLoss
 
 FORMAT = "flextron-elastic"
 FORMAT_VERSION = 1
@@ -125,6 +125,11 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
             f"{path} has format version {record.get('version')}, this flextron reads {FORMAT_VERSION}"
         )
     return record
+
+
+def stored_losses(record: dict[str, Any]) -> list[UniformLoss]:
+    """The uniform sub-network losses saved in a checkpoint's metadata (empty if none)."""
+    return [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]
 
 
 def load_elastic(

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from flextron.checkpoint import atomic_write_json, save_elastic
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
-from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
+from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss
 from flextron.rope import RopeScaling
 from flextron.runtime import DtypeName, resolve_dtype
 
@@ -616,20 +616,3 @@ def flextron_to_hf_state(model: ElasticLM, width: int, heads: int) -> dict[str, 
         if not config.tie_embeddings:
             state["lm_head.weight"] = model.lm_head.weight.detach()
     return {k: v.contiguous().clone() for k, v in state.items()}
-
-
-def export_budget(checkpoint: str | Path, budget: float, out: str | Path) -> Path:
-    """Export the uniform sub-network of ``budget`` (see :func:`flextron.model.choices_for_budget`)."""
-    from transformers import AutoTokenizer
-
-    from flextron.checkpoint import load_elastic
-
-    model, record = load_elastic(checkpoint)
-    choice = choices_for_budget(model.config, budget, stored_losses(record))
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    return export_hf(model, record["source"]["config"], out, choice.mlp, choice.attention, tokenizer)
-
-
-def stored_losses(record: dict[str, Any]) -> list[UniformLoss]:
-    """The uniform sub-network losses saved in a checkpoint's metadata (empty if none)."""
-    return [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]

@@ -199,19 +199,28 @@ def choices_for_budget(
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
-    loss_of = {(entry.mlp, entry.attention): entry.loss for entry in losses or []}
-    fitting = []
-    for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_choices))):
-        fraction = config.layer_fraction(m, a)
-        if fraction <= budget + 1e-9:
-            fitting.append((loss_of.get((m, a), math.inf), -fraction, m, a))
-    if not fitting:
+    fractions = {
+        (m, a): config.layer_fraction(m, a)
+        for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_choices)))
+    }
+    best = lowest_loss_within(fractions, budget + 1e-9, losses or [])
+    if best is None:
         raise ValueError(
             f"budget {budget} is below the smallest sub-network "
             f"({config.smallest_fraction():.3f} of the full layers)"
         )
-    _, negative_fraction, m, a = min(fitting)
-    return BudgetChoice(budget, m, a, -negative_fraction)
+    return BudgetChoice(budget, *best, fractions[best])
+
+
+def lowest_loss_within(
+    costs: dict[tuple[int, int], float], limit: float, losses: Sequence[UniformLoss]
+) -> tuple[int, int] | None:
+    """Among the uniform (MLP, attention) choices whose cost is at most ``limit``, the one
+    with the lowest calibration loss; on equal (or unknown) losses the costliest, i.e. the
+    widest. None if none fits."""
+    loss_of = {(entry.mlp, entry.attention): entry.loss for entry in losses}
+    fitting = [(loss_of.get(pair, math.inf), -cost, pair) for pair, cost in costs.items() if cost <= limit]
+    return min(fitting)[2] if fitting else None
 
 
 class RMSNorm(nn.Module):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from flextron.budgets import BudgetResolver, router_metadata
 from flextron.checkpoint import (
     ROUTERS,
     CheckpointError,
@@ -49,13 +50,14 @@ from flextron.checkpoint import (
     load_optimizer,
     optimizer_tensors,
     save_elastic,
+    stored_losses,
 )
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
 from flextron.latency import LatencyTable, measure
-from flextron.model import ElasticLM, Routing, UniformLoss
+from flextron.model import ElasticLM, Routing, UniformLoss, lowest_loss_within
 from flextron.routers import RouterOutput, StaticRouter, TokenRouter, load_router_state
-from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_dtype
+from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_device, resolve_dtype
 from flextron.surrogate import Surrogate, SurrogateTrainer
 
 Stage = Literal["elastic", "routers", "joint"]
@@ -218,13 +220,12 @@ def uniform_start(table: LatencyTable, budget: float, losses: Sequence[UniformLo
     """The uniform (MLP, attention) choice a router starts from at ``budget`` (a latency
     fraction): the lowest calibration loss among those within the budget on ``table``
     (without losses, the slowest within it); the fastest if none is."""
-    loss_of = {(e.mlp, e.attention): e.loss for e in losses}
-    target = budget * table.full_ms() * (1 + 1e-9)
-    pairs = list(itertools.product(range(len(table.mlp_ms)), range(len(table.attention_ms))))
-    fitting = [p for p in pairs if table.uniform_ms(*p) <= target]
-    if not fitting:
-        return min(pairs, key=lambda p: table.uniform_ms(*p))
-    return min(fitting, key=lambda p: (loss_of.get(p, math.inf), -table.uniform_ms(*p)))
+    latencies = {
+        pair: table.uniform_ms(*pair)
+        for pair in itertools.product(range(len(table.mlp_ms)), range(len(table.attention_ms)))
+    }
+    best = lowest_loss_within(latencies, budget * table.full_ms() * (1 + 1e-9), losses)
+    return best if best is not None else min(latencies, key=latencies.get)
 
 
 def routing_from(output: RouterOutput) -> Routing:
@@ -280,9 +281,7 @@ class Trainer:
         self.progress = progress
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {config.device} was asked for, but no CUDA GPU is available")
+        self.device = resolve_device(config.device)
 
         source = Path(checkpoint)
         self.start_step = 0
@@ -318,7 +317,7 @@ class Trainer:
                 torch.manual_seed(config.seed)
                 self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
             saved = (resume_from or source) / ROUTERS
-            if saved.is_file() and self._router_meta(resume_from or source) == self._router_signature():
+            if saved.is_file() and router_metadata(self.record) == self._router_signature():
                 load_router_state(self.router, load_file(saved, device=str(self.device)))
                 router_loaded = True
 
@@ -344,7 +343,7 @@ class Trainer:
         if self.router is not None:
             self.table = self._latency_table(resume_from)
             if not router_loaded:
-                losses = [UniformLoss(**e) for e in self.record.get("uniform_losses", [])]
+                losses = stored_losses(self.record)
                 starts = [uniform_start(self.table, budget, losses) for budget in self.router.encode.budgets]
                 self.router.warm_start(starts, config.router_prior)
             if config.stage == "routers":
@@ -383,11 +382,6 @@ class Trainer:
             "budgets": list(self.config.budgets),
             "hidden": self.config.router_hidden,
         }
-
-    @staticmethod
-    def _router_meta(directory: Path) -> dict[str, Any] | None:
-        path = directory / "flextron.json"
-        return json.loads(path.read_text()).get("routers") if path.is_file() else None
 
     def _latency_table(self, resume_from: Path | None) -> LatencyTable:
         saved = self.out_dir / "latency.json"
@@ -524,36 +518,23 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss per trained budget: with the routers (argmax) when there are any,
-        else with the uniform sub-network table of the checkpoint."""
-        from flextron.conversion import stored_losses
-        from flextron.model import choices_for_budget
-
+        else with the uniform sub-network table of the checkpoint; with routers, also the
+        expected latency of their probabilities on the table."""
         was_training = self.model.training
         self.model.eval()
+        resolve = BudgetResolver(self.model, self.router, stored_losses(self.record))
+        smallest = self.model.config.smallest_fraction()
         row: dict[str, Any] = {}
         for budget in self.config.budgets:
-            if self.router is None:  # the uniform table; a budget under the smallest net runs the smallest
-                config = self.model.config
-                smallest = config.smallest_fraction()
-                choice = choices_for_budget(config, max(budget, smallest), stored_losses(self.record))
-                routing, latency = (
-                    Routing.uniform(self.model.config.num_layers, choice.mlp, choice.attention),
-                    None,
-                )
-            elif isinstance(self.router, StaticRouter):
-                output = self.router(budget)
-                routing, latency = (
-                    routing_from(output),
-                    self.table.expected_ms(output.mlp_probs, output.attention_probs),
-                )
-            else:
-                routing, latency = self.router.route(budget), None
-            loss, _ = mean_loss(self.model, self.eval_batches, routing)
-            if latency is None and self.table is not None and not isinstance(routing, Routing):
-                out = routing.output()
-                latency = self.table.expected_ms(out.mlp_probs, out.attention_probs)
+            # The uniform table serves a budget under the smallest sub-network with the smallest.
+            served = resolve(budget if self.router is not None else max(budget, smallest))
+            loss, _ = mean_loss(self.model, self.eval_batches, served.routing)
             row[f"{budget:g}"] = {"loss": loss, "perplexity": math.exp(loss)}
-            if latency is not None:
+            if self.router is not None:
+                output = (
+                    self.router(budget) if isinstance(self.router, StaticRouter) else served.routing.output()
+                )
+                latency = self.table.expected_ms(output.mlp_probs, output.attention_probs)
                 row[f"{budget:g}"]["latency_ms"] = float(latency)
                 row[f"{budget:g}"]["latency_target_ms"] = budget * self.table.full_ms()
         self.model.train(was_training)

@@ -10,14 +10,13 @@ counting the projections and the causal core attention each token actually uses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from flextron.benchmarks.common import BenchOptions, Results, print_table, save_bar_plots, time_ms
+from flextron.benchmarks.common import BenchOptions, Results, print_table, time_ms
 from flextron.layers import ElasticAttention
 from flextron.rope import apply_rotary
 
@@ -212,19 +211,6 @@ def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repe
     layer.attention_backend = "sdpa"
 
 
-def plot(json_path: Path, out: Path) -> Path:
-    data = json.loads(json_path.read_text())
-    rows = data["rows"]
-    labels = [f"{r['phase']} {r['shape']} T={r['tokens']}\n{r['case']} [{r['backend']}]" for r in rows]
-    series = {
-        "ideal (FLOP share)": [r["ideal_fraction"] for r in rows],
-        "flextron": [r["fraction_of_dense"] for r in rows],
-    }
-    return save_bar_plots(
-        [(data, labels, series, "time / dense full-width attention time (lower is better)")], out
-    )
-
-
 def run(options: BenchOptions) -> Path:
     device, dtype, on_gpu = options.device, options.dtype, options.on_gpu
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
@@ -268,5 +254,5 @@ def run(options: BenchOptions) -> Path:
         ],
     )
     path = results.write(out_dir)
-    print(f"wrote {path} and {plot(path, out_dir / f'elastic_attention-{device}.png')}")
+    print(f"wrote {path}")
     return path

@@ -36,7 +36,7 @@ def run(suites: tuple[str, ...], options: BenchOptions) -> BenchReport:
     if "attention" in suites:
         path = elastic_attention.run(options)
         report.results.append(path)
-        report.plots.append(options.out / f"elastic_attention-{options.device}.png")
+        report.plots.append(_plot_attention(path, options.out / f"elastic_attention-{options.device}.png"))
     if "model" in suites:
         path = model.run(options)
         report.results.append(path)
@@ -126,3 +126,16 @@ def _plot_model(json_path: Path, out: Path) -> Path:
         ],
     }
     return save_bar_plots([(data, labels, series, "time / flextron full-width time (lower is better)")], out)
+
+
+def _plot_attention(json_path: Path, out: Path) -> Path:
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    labels = [f"{r['phase']} {r['shape']} T={r['tokens']}\n{r['case']} [{r['backend']}]" for r in rows]
+    series = {
+        "ideal (FLOP share)": [r["ideal_fraction"] for r in rows],
+        "flextron": [r["fraction_of_dense"] for r in rows],
+    }
+    return save_bar_plots(
+        [(data, labels, series, "time / dense full-width attention time (lower is better)")], out
+    )
