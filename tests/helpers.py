@@ -23,6 +23,19 @@ def assert_close_to_reference(
     assert ours <= bound, f"max error {ours:.3e} > bound {bound:.3e} (reference in {out.dtype}: {theirs:.3e})"
 
 
+def assert_close_to_fp64_model(out: torch.Tensor, reference: torch.nn.Module, *inputs, **kwargs) -> None:
+    """``out`` (computed in fp32) must be as close to ``reference`` run in fp64 as ``reference``
+    itself is when run in fp32: the bound is the reference's own fp32 error, measured on these
+    inputs. Reordered fp32 sums (a permuted model, other kernels) differ by that much."""
+    import copy
+
+    with torch.no_grad():
+        ref_low = reference(*inputs, **kwargs)
+        ref_exact = copy.deepcopy(reference).double()(*inputs, **kwargs)
+    ref_low, ref_exact = (getattr(r, "logits", r) for r in (ref_low, ref_exact))
+    assert_close_to_reference(out, ref_low, ref_exact)
+
+
 def random_choice(
     tokens: int, groups: int, device: str, generator: torch.Generator | None = None, dtype=torch.int64
 ):
