@@ -213,6 +213,12 @@ def test_unpermute_rejects_bad_scale():
         ops.unpermute(torch.ones(4, 2, dtype=torch.int32), perm, None)
 
 
+def test_unpermute_rejects_a_perm_that_is_not_a_permutation():
+    """Its output is not zero-filled first: a row perm never reaches would be undefined."""
+    with pytest.raises(RuntimeError, match=r"perm must be a permutation of \[0, 4\), got 2 twice"):
+        ops.unpermute(torch.randn(4, 2), torch.tensor([0, 2, 2, 3]), None)
+
+
 def test_compile_routing():
     def routed_identity(x, choice):
         plan = flextron.route_plan(choice, [4, 2])

@@ -79,14 +79,19 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& perm,
   const auto src = y.contiguous();
   const auto p = perm.contiguous();
   const int64_t rows = src.size(0);
-  // Zero-filled so that rows perm does not reach are defined (perm is normally a bijection).
-  auto out = at::zeros_like(src);
+  // Every row is written exactly once when perm is a permutation, which is checked here:
+  // no zero fill first.
+  auto out = at::empty_like(src);
   if (rows == 0 || src.numel() == 0) return out;
   const int64_t cols = src.numel() / rows;
   const int64_t* idx = p.data_ptr<int64_t>();
+  std::vector<bool> reached(rows, false);
   for (int64_t i = 0; i < rows; ++i) {
     TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "perm values must be in [0, ", rows, "), got ",
                 idx[i], " at position ", i);
+    TORCH_CHECK(!reached[idx[i]], "perm must be a permutation of [0, ", rows, "), got ", idx[i],
+                " twice");
+    reached[idx[i]] = true;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "unpermute_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

@@ -187,7 +187,9 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& perm,
   const c10::cuda::CUDAGuard guard(y.device());
   const auto src = y.contiguous();
   const auto p = perm.contiguous();
-  auto out = at::zeros_like(src);
+  // perm is a permutation (route_plan's; the CPU kernel checks it): every row is written, so
+  // no zero fill first.
+  auto out = at::empty_like(src);
   const int64_t rows = src.size(0);
   if (rows == 0 || src.numel() == 0) return out;
   if (!scale.has_value()) {
