@@ -8,10 +8,9 @@
 #include <string>
 #include <vector>
 
-namespace flextron {
+#include "nested_groups.h"
 
-// Groups are few (a handful of width choices); kernels take them by value.
-constexpr int64_t kMaxGroups = 64;
+namespace flextron {
 
 inline void check_dtype_float(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();

@@ -1,4 +1,5 @@
-"""nested_linear_n, nested_linear_k and nested_weight_grad against reference.py."""
+"""nested_linear_n, nested_linear_k, nested_weight_grad and nested_weight_grad_k against
+reference.py."""
 
 from __future__ import annotations
 
@@ -54,12 +55,16 @@ def operand_shapes(op: str, tokens: int, nested: int, other: int):
         "nested_linear_n": ((tokens, other), (nested, other)),  # x [M, K], w [Nmax, K]
         "nested_linear_k": ((tokens, nested), (other, nested)),  # x [M, Kmax], w [N, Kmax]
         "nested_weight_grad": ((tokens, nested), (tokens, other)),  # dy [M, Nmax], x [M, K]
+        "nested_weight_grad_k": ((tokens, other), (tokens, nested)),  # dy [M, N], x [M, Kmax]
     }[op]
+
+
+NESTED_OPS = ["nested_linear_n", "nested_linear_k", "nested_weight_grad", "nested_weight_grad_k"]
 
 
 @settings(max_examples=120, deadline=None)
 @given(
-    op=st.sampled_from(["nested_linear_n", "nested_linear_k", "nested_weight_grad"]),
+    op=st.sampled_from(NESTED_OPS),
     tokens=st.integers(0, 70),
     other=st.integers(1, 48),
     extra=st.integers(0, 9),
@@ -74,7 +79,8 @@ def test_nested_ops_cpu(op, tokens, other, extra, widths, dtype, seed, skew):
     gen = torch.Generator().manual_seed(seed)
     a_shape, b_shape = operand_shapes(op, tokens, widths[0] + extra, other)
     _, out = check_op(op, a_shape, b_shape, widths, tokens, dtype, "cpu", gen, skew)
-    assert out.shape == ((widths[0] + extra, other) if op == "nested_weight_grad" else (tokens, b_shape[0]))
+    weight_grad = op.startswith("nested_weight_grad")
+    assert out.shape == ((a_shape[1], b_shape[1]) if weight_grad else (tokens, b_shape[0]))
 
 
 # Shapes the GPU path accepts (multiples of 8), large enough to span several tiles, with
@@ -99,6 +105,57 @@ def test_nested_ops_device(device, dtype, shape, skew):
     widths_k = [w for w in widths if w <= k] or [k]
     check_op("nested_linear_k", (tokens, k), (n, k), widths_k, tokens, dtype, device, gen, skew)
     check_op("nested_weight_grad", (tokens, n), (tokens, k), widths_n, tokens, dtype, device, gen, skew)
+    check_op("nested_weight_grad_k", (tokens, n), (tokens, k), widths_k, tokens, dtype, device, gen, skew)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 16, 200])
+def test_nested_linear_n_without_tail_zeroing(device, dtype, tokens):
+    """zero_tails=False: every column inside a row's width is exact; the rest is not read by
+    the consumers that ask for it, so it is only required to exist. Token counts on both sides
+    of the GPU's dense small-T path."""
+    gen = torch.Generator().manual_seed(tokens)
+    widths = [128, 96, 40, 8]
+    plan = make_plan(tokens, widths, device, gen, skew=True)
+    x = torch.randn(tokens, 64, generator=gen, dtype=torch.float64)
+    w = torch.randn(136, 64, generator=gen, dtype=torch.float64)
+    ours = flextron.nested_linear_n(
+        x.to(dtype).to(device), w.to(dtype).to(device), plan.offsets, widths, zero_tails=False
+    )
+    inside = (
+        reference.nested_linear_n(torch.ones(tokens, 1), torch.ones(136, 1), plan.offsets.cpu(), widths) == 1
+    )
+    exact = reference.nested_linear_n(x, w, plan.offsets.cpu(), widths)
+    low = reference.nested_linear_n(x.to(dtype), w.to(dtype), plan.offsets.cpu(), widths)
+    assert_close_to_reference(ours.cpu()[inside], low[inside], exact[inside])
+
+
+def test_backward_reads_and_writes_weights_in_place(device):
+    """The backward reads weight.t() in place and returns weight gradients in the weight's own
+    layout (contiguous, so autograd accumulates them without a copy): no copy of a
+    weight-sized tensor anywhere in a nested MLP's forward + backward."""
+    gen = torch.Generator().manual_seed(13)
+    widths = [96, 64, 32]
+    plan = make_plan(300, widths, device, gen)
+    x = torch.randn(300, 48, generator=gen).to(device).requires_grad_()
+    w_up = torch.randn(96, 48, generator=gen).to(device).requires_grad_()
+    w_down = torch.randn(40, 96, generator=gen).to(device).requires_grad_()
+    layouts = []
+    for w in (w_up, w_down):
+        w.register_hook(lambda grad: layouts.append(grad.is_contiguous()))
+    weight_shapes = {tuple(w.shape) for w in (w_up, w_down)} | {tuple(w.shape[::-1]) for w in (w_up, w_down)}
+    with torch.profiler.profile(record_shapes=True) as prof:
+        h = flextron.nested_linear_n(x, w_up, plan.offsets, plan.widths)
+        y = flextron.nested_linear_k(h, w_down, plan.offsets, plan.widths)
+        y.square().sum().backward()
+    copies = [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+        and any(tuple(shape) in weight_shapes for shape in e.input_shapes if shape)
+    ]
+    assert copies == [], copies
+    assert layouts == [True, True]
 
 
 def test_single_full_group_equals_dense_matmul(device):
@@ -221,6 +278,8 @@ def test_opcheck(device):
     torch.library.opcheck(ops.nested_linear_n.default, (x, w, plan.offsets, plan.widths))
     torch.library.opcheck(ops.nested_linear_k.default, (xk, wk, plan.offsets, plan.widths))
     torch.library.opcheck(ops.nested_weight_grad.default, (dy, x.detach(), plan.offsets, plan.widths))
+    dyk = torch.randn(20, 16, generator=gen).to(device)
+    torch.library.opcheck(ops.nested_weight_grad_k.default, (dyk, xk.detach(), plan.offsets, plan.widths))
 
 
 def test_torch_compile():
@@ -256,6 +315,8 @@ def test_torch_compile():
         ("nested_linear_n", ((5, 8), (16, 4), [16, 8]), RuntimeError, "must share K"),
         ("nested_linear_k", ((5, 8), (16, 8), [16, 8]), RuntimeError, "exceeds Kmax=8"),
         ("nested_weight_grad", ((5, 16), (4, 8), [16, 8]), RuntimeError, "must share M"),
+        ("nested_weight_grad_k", ((5, 16), (4, 8), [8, 4]), RuntimeError, "must share M"),
+        ("nested_weight_grad_k", ((5, 16), (5, 8), [16, 8]), RuntimeError, "exceeds x columns Kmax=8"),
     ],
 )
 def test_rejects_bad_shapes(fn, args, error, match):
@@ -290,11 +351,29 @@ def test_rejects_bad_offsets_dtype_device():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_any_width_and_strided_offsets(dtype):
+    """Widths that are not multiples of 8 run (on the SIMT kernel where TMA cannot), and an
+    offsets view with a stride is read as its values, not as raw memory."""
+    gen = torch.Generator().manual_seed(14)
+    widths = [72, 36, 12]
+    plan = make_plan(300, widths, "cuda", gen)
+    strided_offsets = torch.stack([plan.offsets, torch.full_like(plan.offsets, -7)], 1)[:, 0]
+    assert not strided_offsets.is_contiguous()
+    x = torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    w = torch.randn(80, 40, generator=gen, dtype=torch.float64)
+    ours = flextron.nested_linear_n(x.to(dtype).cuda(), w.to(dtype).cuda(), strided_offsets, widths)
+    offsets = plan.offsets.cpu()
+    exact = reference.nested_linear_n(x, w, offsets, widths)
+    assert_close_to_reference(
+        ours, reference.nested_linear_n(x.to(dtype), w.to(dtype), offsets, widths), exact
+    )
+
+
+@pytest.mark.cuda
 def test_cuda_rejects_bad_input():
     x, w = torch.randn(5, 16, device="cuda"), torch.randn(24, 16, device="cuda")
     offsets = torch.tensor([0, 2, 5], dtype=torch.int32, device="cuda")
-    with pytest.raises(RuntimeError, match="widths must be multiples of 8"):
-        flextron.nested_linear_n(x, w, offsets, [24, 12])
     with pytest.raises(RuntimeError, match="must be on the same device"):
         flextron.nested_linear_n(x, w.cpu(), offsets, [24, 16])
     with pytest.raises(RuntimeError, match="offsets and x must be on the same device"):

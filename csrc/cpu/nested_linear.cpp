@@ -14,36 +14,37 @@ at::Tensor blas_operand(const at::Tensor& t) {
 }
 
 at::Tensor nested_linear_n_cpu(const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& offsets, const at::Tensor& widths) {
-  const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kN);
+                               const at::Tensor& offsets, const at::Tensor& widths_in,
+                               bool zero_tails) {
+  const auto widths = check_nested_inputs(NestedGemmKind::kNestedN, x, weight, offsets, widths_in);
   const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto a = x.contiguous();
   const auto w = blas_operand(weight);
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
-  for (size_t g = 0; g < problem.widths.size(); ++g) {
-    const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = problem.widths[g];
+  for (int g = 0; g < widths.count; ++g) {
+    const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = widths.values[g];
     if (rows == 0) continue;
     auto out_rows = out.narrow(0, start, rows);
+    auto out_block = out_rows.narrow(1, 0, d);
     if (a.size(1) == 0) {
-      out_rows.narrow(1, 0, d).zero_();
+      out_block.zero_();
     } else {
-      auto out_block = out_rows.narrow(1, 0, d);
       at::mm_out(out_block, a.narrow(0, start, rows), w.narrow(0, 0, d).t());
     }
-    out_rows.narrow(1, d, w.size(0) - d).zero_();
+    if (zero_tails) out_rows.narrow(1, d, w.size(0) - d).zero_();
   }
   return out;
 }
 
 at::Tensor nested_linear_k_cpu(const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& offsets, const at::Tensor& widths) {
-  const auto problem = check_nested_inputs(x, "x", weight, "weight", offsets, widths, NestedDim::kK);
+                               const at::Tensor& offsets, const at::Tensor& widths_in) {
+  const auto widths = check_nested_inputs(NestedGemmKind::kNestedK, x, weight, offsets, widths_in);
   const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto a = x.contiguous();
   const auto w = blas_operand(weight);
   auto out = at::empty({a.size(0), w.size(0)}, a.options());
-  for (size_t g = 0; g < problem.widths.size(); ++g) {
-    const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = problem.widths[g];
+  for (int g = 0; g < widths.count; ++g) {
+    const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = widths.values[g];
     if (rows == 0) continue;
     auto out_block = out.narrow(0, start, rows);
     at::mm_out(out_block, a.narrow(0, start, rows).narrow(1, 0, d), w.narrow(1, 0, d).t());
@@ -51,27 +52,47 @@ at::Tensor nested_linear_k_cpu(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-// Staircase: the row band [d_{g+1}, d_g) of the weight is used by the tokens of groups 0..g,
-// which are the sorted prefix [0, offsets[g+1]). Each band is written once, by one GEMM.
-at::Tensor nested_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                  const at::Tensor& offsets, const at::Tensor& widths) {
-  const auto problem =
-      check_nested_inputs(grad_out, "grad_out", x, "x", offsets, widths, NestedDim::kWeightGrad);
+// Staircase: the weight band [d_{g+1}, d_g) (rows for kWeightGradN, columns for kWeightGradK)
+// is used by the tokens of groups 0..g, the sorted prefix [0, offsets[g+1]). Each band is
+// written once, by one GEMM; bands no token uses, and the part past widths[0], are zero.
+at::Tensor weight_grad_cpu(NestedGemmKind kind, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& offsets, const at::Tensor& widths_in) {
+  const auto widths = check_nested_inputs(kind, grad_out, x, offsets, widths_in);
   const auto bounds = read_offsets_cpu(offsets, x.size(0));
   const auto dy = grad_out.contiguous();
   const auto a = x.contiguous();
-  auto out = at::zeros({dy.size(1), a.size(1)}, a.options());
-  const int64_t groups = static_cast<int64_t>(problem.widths.size());
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t band_end = problem.widths[g];
-    const int64_t band_start = g + 1 < groups ? problem.widths[g + 1] : 0;
+  const bool row_bands = kind == NestedGemmKind::kWeightGradN;
+  const int band_dim = row_bands ? 0 : 1;
+  auto out = at::empty(nested_output_shape(kind, dy, a), a.options());
+  out.narrow(band_dim, widths.values[0], out.size(band_dim) - widths.values[0]).zero_();
+  for (int g = 0; g < widths.count; ++g) {
+    const int64_t band_end = widths.values[g];
+    const int64_t band_start = g + 1 < widths.count ? widths.values[g + 1] : 0;
     const int64_t prefix = bounds[g + 1];
-    if (prefix == 0 || a.size(1) == 0) continue;
-    const auto dy_band = dy.narrow(0, 0, prefix).narrow(1, band_start, band_end - band_start);
-    auto out_band = out.narrow(0, band_start, band_end - band_start);
-    at::mm_out(out_band, dy_band.t(), a.narrow(0, 0, prefix));
+    auto out_band = out.narrow(band_dim, band_start, band_end - band_start);
+    if (prefix == 0 || out.numel() == 0) {
+      out_band.zero_();
+      continue;
+    }
+    const auto dy_rows = dy.narrow(0, 0, prefix);
+    const auto x_rows = a.narrow(0, 0, prefix);
+    if (row_bands) {  // dy[:P, band].T @ x[:P]
+      at::mm_out(out_band, dy_rows.narrow(1, band_start, band_end - band_start).t(), x_rows);
+    } else {  // dy[:P].T @ x[:P, band]
+      at::mm_out(out_band, dy_rows.t(), x_rows.narrow(1, band_start, band_end - band_start));
+    }
   }
   return out;
+}
+
+at::Tensor nested_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& offsets, const at::Tensor& widths) {
+  return weight_grad_cpu(NestedGemmKind::kWeightGradN, grad_out, x, offsets, widths);
+}
+
+at::Tensor nested_weight_grad_k_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& offsets, const at::Tensor& widths) {
+  return weight_grad_cpu(NestedGemmKind::kWeightGradK, grad_out, x, offsets, widths);
 }
 
 }  // namespace
@@ -80,6 +101,7 @@ TORCH_LIBRARY_IMPL(flextron, CPU, m) {
   m.impl("nested_linear_n", &nested_linear_n_cpu);
   m.impl("nested_linear_k", &nested_linear_k_cpu);
   m.impl("nested_weight_grad", &nested_weight_grad_cpu);
+  m.impl("nested_weight_grad_k", &nested_weight_grad_k_cpu);
 }
 
 }  // namespace flextron

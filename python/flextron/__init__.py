@@ -2,7 +2,7 @@
 
 - ops (torch ops with CPU/CUDA kernels and autograd): :func:`route_plan`, :func:`permute`,
   :func:`unpermute`, :func:`nested_linear_n`, :func:`nested_linear_k`,
-  :func:`nested_weight_grad`, :func:`nested_activation`, :func:`elastic_mlp`;
+  :func:`nested_weight_grad`, :func:`nested_weight_grad_k`, :func:`nested_activation`, :func:`elastic_mlp`;
 - layers: :class:`ElasticMLP`, :class:`ElasticAttention`, :class:`KVCache`;
 - model: :class:`ElasticConfig`, :class:`ElasticLM`, :class:`Routing`;
 - the command line as functions (:mod:`flextron.api`): :func:`convert`, :func:`train`,
@@ -25,6 +25,7 @@ from flextron.ops import (
     nested_linear_k,
     nested_linear_n,
     nested_weight_grad,
+    nested_weight_grad_k,
     permute,
     route_plan,
     unpermute,
@@ -94,6 +95,7 @@ __all__ = [
     "nested_linear_k",
     "nested_linear_n",
     "nested_weight_grad",
+    "nested_weight_grad_k",
     "permute",
     "route_plan",
     "save_elastic",

@@ -121,11 +121,16 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def nested_linear_n(x: Tensor, weight: Tensor, offsets: Tensor, widths: Widths) -> Tensor:
+def nested_linear_n(
+    x: Tensor, weight: Tensor, offsets: Tensor, widths: Widths, zero_tails: bool = True
+) -> Tensor:
     """Nested output width: rows of group g get ``x @ weight[:d_g].T`` in columns ``< d_g``
-    and zeros after. ``x [M, K]``, ``weight [Nmax, K]`` -> ``[M, Nmax]``."""
+    and zeros after. ``x [M, K]``, ``weight [Nmax, K]`` -> ``[M, Nmax]``. With
+    ``zero_tails=False`` the columns past each row's width are left unspecified (a pass over
+    memory saved when the consumer, like :func:`nested_activation` or
+    :func:`nested_linear_k`, reads only each row's width)."""
     x, weight = autocast_inputs(x, weight)
-    return _ops.nested_linear_n(x, weight, offsets, as_widths(widths))
+    return _ops.nested_linear_n(x, weight, offsets, as_widths(widths), zero_tails)
 
 
 def nested_linear_k(x: Tensor, weight: Tensor, offsets: Tensor, widths: Widths) -> Tensor:
@@ -140,6 +145,13 @@ def nested_weight_grad(grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Wid
     ``[d_{g+1}, d_g)`` sums ``grad_out.T @ x`` over the tokens of groups ``0..g``, the only
     tokens whose width covers it. Accumulates in fp32."""
     return _ops.nested_weight_grad(grad_out, x, offsets, as_widths(widths))
+
+
+def nested_weight_grad_k(grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Widths) -> Tensor:
+    """Staircase weight gradient of :func:`nested_linear_k` (``[N, Kmax]``, the weight's own
+    layout): the column band ``[d_{g+1}, d_g)`` sums ``grad_out.T @ x[:, band]`` over the
+    tokens of groups ``0..g``. ``grad_out [M, N]``, ``x [M, Kmax]``. Accumulates in fp32."""
+    return _ops.nested_weight_grad_k(grad_out, x, offsets, as_widths(widths))
 
 
 def nested_activation(
@@ -208,12 +220,12 @@ def elastic_mlp(
         raise ValueError(f"plan.widths {plan.widths.tolist()} differ from widths {width_tensor.tolist()}")
 
     xs = permute(tokens, plan)
-    h = nested_linear_n(xs, w_up, plan.offsets, width_tensor)
+    # The activation reads only each token's width and writes zeros past it: the up/gate
+    # tails are never read, so they are not zeroed (and the bias may touch them).
+    h = _ops.nested_linear_n(xs, w_up, plan.offsets, width_tensor, False)
     if b_up is not None:
-        # Columns past a token's width are zeroed by the nested activation, so the bias
-        # may touch them.
         h = h + b_up
-    gate = nested_linear_n(xs, w_gate, plan.offsets, width_tensor) if w_gate is not None else None
+    gate = _ops.nested_linear_n(xs, w_gate, plan.offsets, width_tensor, False) if w_gate is not None else None
     h = _ops.nested_activation(h, gate, plan.offsets, width_tensor, activation)
     ys = nested_linear_k(h, w_down, plan.offsets, width_tensor)
     if b_down is not None:
@@ -247,7 +259,9 @@ def _unpermute_fake(y: Tensor, perm: Tensor, scale: Tensor | None = None) -> Ten
 
 
 @torch.library.register_fake("flextron::nested_linear_n")
-def _nested_linear_n_fake(x: Tensor, weight: Tensor, offsets: Tensor, widths: Tensor) -> Tensor:
+def _nested_linear_n_fake(
+    x: Tensor, weight: Tensor, offsets: Tensor, widths: Tensor, zero_tails: bool = True
+) -> Tensor:
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
     torch._check(x.shape[1] == weight.shape[1], lambda: "x and weight must share K")
     return x.new_empty((x.shape[0], weight.shape[0]))
@@ -262,6 +276,13 @@ def _nested_linear_k_fake(x: Tensor, weight: Tensor, offsets: Tensor, widths: Te
 
 @torch.library.register_fake("flextron::nested_weight_grad")
 def _nested_weight_grad_fake(grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Tensor) -> Tensor:
+    torch._check(grad_out.dim() == 2 and x.dim() == 2, lambda: "grad_out and x must be 2-D")
+    torch._check(grad_out.shape[0] == x.shape[0], lambda: "grad_out and x must share M")
+    return x.new_empty((grad_out.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("flextron::nested_weight_grad_k")
+def _nested_weight_grad_k_fake(grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Tensor) -> Tensor:
     torch._check(grad_out.dim() == 2 and x.dim() == 2, lambda: "grad_out and x must be 2-D")
     torch._check(grad_out.shape[0] == x.shape[0], lambda: "grad_out and x must share M")
     return x.new_empty((grad_out.shape[1], x.shape[1]))
@@ -325,29 +346,33 @@ torch.library.register_autograd("flextron::unpermute", _unpermute_backward, setu
 
 
 def _nested_setup(ctx, inputs, output) -> None:
-    x, weight, offsets, widths = inputs
+    x, weight, offsets, widths = inputs[:4]
     ctx.save_for_backward(x, weight, offsets, widths)
+
+
+# The backward reads the weight transposed in place (weight.t() is a view; every backend
+# takes either layout) and writes weight gradients in the weight's own layout, so autograd
+# accumulates them without a copy.
 
 
 def _nested_linear_n_backward(ctx, grad: Tensor):
     x, weight, offsets, widths = ctx.saved_tensors
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        # A transposed view: the CPU kernels read it in place, the CUDA ones make it contiguous.
         grad_x = _ops.nested_linear_k(grad, weight.t(), offsets, widths)
     if ctx.needs_input_grad[1]:
         grad_w = _ops.nested_weight_grad(grad, x, offsets, widths)
-    return grad_x, grad_w, None, None
+    return grad_x, grad_w, None, None, None
 
 
 def _nested_linear_k_backward(ctx, grad: Tensor):
     x, weight, offsets, widths = ctx.saved_tensors
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        # nested_linear_n writes zeros past each row's width: exactly the gradient there.
-        grad_x = _ops.nested_linear_n(grad, weight.t(), offsets, widths)
+        # Zeros past each row's width: exactly the gradient there.
+        grad_x = _ops.nested_linear_n(grad, weight.t(), offsets, widths, True)
     if ctx.needs_input_grad[1]:
-        grad_w = _ops.nested_weight_grad(x, grad, offsets, widths).t()
+        grad_w = _ops.nested_weight_grad_k(grad, x, offsets, widths)
     return grad_x, grad_w, None, None
 
 

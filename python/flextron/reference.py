@@ -75,6 +75,23 @@ def nested_weight_grad(
     return acc.to(x.dtype)
 
 
+def nested_weight_grad_k(
+    grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor
+) -> Tensor:
+    """Per-group accumulation ``dw[:, :d_g] += grad_out_g.T @ x_g[:, :d_g]`` (fp32 accumulate)."""
+    acc = torch.zeros(
+        grad_out.shape[1],
+        x.shape[1],
+        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+        device=x.device,
+    )
+    bounds = _bounds(offsets)
+    for g, d in enumerate(_widths_list(widths)):
+        start, end = bounds[g], bounds[g + 1]
+        acc[:, :d] += grad_out[start:end].to(acc.dtype).T @ x[start:end, :d].to(acc.dtype)
+    return acc.to(x.dtype)
+
+
 def _activate(h: Tensor, gate: Tensor | None, activation: str) -> Tensor:
     if activation == "swiglu":
         return torch.nn.functional.silu(gate) * h
