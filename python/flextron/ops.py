@@ -59,6 +59,11 @@ def as_widths(widths: Widths, max_width: int | None = None, name: str = "widths"
             raise TypeError(f"{name} must be an integer tensor, got {widths.dtype}")
         if widths.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(widths.shape)}")
+        if widths.dtype != torch.int32 and widths.numel():
+            # Range-check before the narrowing cast: 2**32 + 8 would become 8.
+            low, high = int(widths.min()), int(widths.max())
+            if low < 1 or high > torch.iinfo(torch.int32).max:
+                raise ValueError(f"{name} must be positive 32-bit integers, got {widths.tolist()}")
         return widths.to(device="cpu", dtype=torch.int32)
     return torch.tensor(check_widths(widths, max_width, name), dtype=torch.int32, device="cpu")
 
@@ -205,6 +210,11 @@ def elastic_mlp(
             raise ValueError(f"w_gate must match w_up {tuple(w_up.shape)}, got {tuple(w_gate.shape)}")
     elif w_gate is not None:
         raise ValueError(f"w_gate is only used by activation='swiglu', got activation={activation!r}")
+    for bias, size, bias_name in ((b_up, inner, "b_up"), (b_down, hidden, "b_down")):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(
+                f"{bias_name} must be 1-D [{size}] (one value per feature), got {tuple(bias.shape)}"
+            )
     width_tensor = as_widths(widths, max_width=inner, name="widths")
     x, w_up, w_gate, w_down, b_up, b_down, scale = autocast_inputs(
         x, w_up, w_gate, w_down, b_up, b_down, scale
