@@ -23,6 +23,7 @@ import torch
 
 from flextron import data as _data
 from flextron.budgets import BudgetResolver, BudgetRouting, RoutingMethod
+from flextron.outputs import check_free, check_not_source
 from flextron.runtime import DtypeName, resolve_device, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,13 +69,15 @@ def convert(
     batch_size: int = 8,
     device: str = "cpu",
     dtype: DtypeName = "auto",
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """A local Hugging Face model (default: the embedded SmolLM2-135M) -> an elastic
     checkpoint in ``out``: neurons and heads sorted by importance on ``calib`` text, width
     choices (default: 100/75/50/25% of the MLP, 100/66/33% of the heads in whole KV groups)
     and the loss of every uniform sub-network. Weights stay fp32; ``dtype`` is the compute
-    dtype of the calibration passes. Returns the checkpoint directory."""
+    dtype of the calibration passes. ``out`` must be empty or absent unless ``overwrite``.
+    Returns the checkpoint directory."""
     from flextron.conversion import ConvertOptions
     from flextron.conversion import convert as convert_model
 
@@ -91,7 +94,7 @@ def convert(
         progress=progress,
     )
     model_dir = Path(model) if model is not None else _data.embedded_model_dir()
-    return convert_model(model_dir, _texts(calib, "train"), out, options)
+    return convert_model(model_dir, _texts(calib, "train"), out, options, overwrite=overwrite)
 
 
 def train(
@@ -109,13 +112,16 @@ def train(
     device: str | None = None,
     dtype: DtypeName | None = None,
     seed: int | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ):
     """One training stage from an elastic checkpoint into the run directory ``out``
     (checkpoints, ``log.jsonl``, ``latency.json``): ``"elastic"`` (all sub-networks),
     ``"routers"`` (routers for latency budgets, model frozen) or ``"joint"``. ``config`` is a
     :class:`flextron.TrainConfig` or a TOML/YAML file of its fields; the keyword arguments
-    given override it. ``resume=True`` continues from ``out``'s latest checkpoint exactly.
+    given override it. ``resume=True`` continues from ``out``'s latest checkpoint exactly (a
+    changed setting is refused, except those that may change: see docs/cli/train.md); a new
+    run refuses a directory holding another run's checkpoints unless ``overwrite``.
     Returns a :class:`flextron.training.TrainResult`."""
     from flextron.training import TrainConfig
     from flextron.training import train as run_training
@@ -143,6 +149,7 @@ def train(
         out,
         eval_texts=_texts(eval_data, "eval"),
         resume=resume,
+        overwrite=overwrite,
         progress=progress,
     )
 
@@ -225,14 +232,18 @@ def export(
     routing: RoutingMethod = "auto",
     device: str = "cpu",
     dtype: DtypeName = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Write a static sub-network as a plain Hugging Face checkpoint (loads with
     ``AutoModelForCausalLM.from_pretrained``): the one serving ``budget`` (resolved as in
     :func:`evaluate`), or explicit choice indices. Transformers holds one MLP size and one
     head count for all layers, so a routing with per-layer widths is refused (use
-    ``routing="uniform"``). The weights are saved in ``dtype``. Returns ``out``."""
+    ``routing="uniform"``). The weights are saved in ``dtype``; ``out`` must be empty or
+    absent unless ``overwrite``, and never the checkpoint. Returns ``out``."""
     from flextron.conversion import export_hf
 
+    check_not_source(Path(out), Path(checkpoint))
+    check_free(Path(out), overwrite)
     model, record, tokenizer = _load(checkpoint, device, dtype)
     if budget is not None:
         if mlp_choice is not None or attention_choice is not None:
@@ -250,7 +261,7 @@ def export(
         raise ValueError("give a budget, or both an MLP choice and an attention choice")
     if "source" not in record:
         raise ValueError(f"{checkpoint} does not record its source model's config, which export needs")
-    return export_hf(model, record["source"]["config"], out, mlp, attention, tokenizer)
+    return export_hf(model, record["source"]["config"], out, mlp, attention, tokenizer, overwrite=overwrite)
 
 
 @dataclass

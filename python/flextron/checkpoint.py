@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flextron.model import ElasticConfig, ElasticLM, UniformLoss
+from flextron.outputs import user_permissions
 
 FORMAT = "flextron-elastic"
 FORMAT_VERSION = 1
@@ -44,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        user_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,6 +68,7 @@ def atomic_save_tensors(
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        user_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -199,11 +203,24 @@ def load_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a run's checkpoint directory (``checkpoint-NNNNNN``), else None."""
+    match = CHECKPOINT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint a run directory's ``latest`` names: a ``checkpoint-NNNNNN`` inside it."""
     pointer = out_dir / "latest"
     if not pointer.is_file():
         return None
-    path = out_dir / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if CHECKPOINT_NAME.fullmatch(name) is None:
+        raise CheckpointError(f"{pointer} must name a checkpoint-NNNNNN inside {out_dir}, got {name!r}")
+    path = out_dir / name
     if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+        raise CheckpointError(f"{pointer} names {name}, which does not exist")
     return path

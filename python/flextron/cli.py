@@ -9,6 +9,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,36 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -69,6 +100,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
         progress=_progress(args),
     )
     print(f"wrote the elastic checkpoint {out}")
@@ -89,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        overwrite=args.overwrite,
         progress=_progress(args),
     )
     if result.evaluations:
@@ -152,6 +185,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         routing=args.routing,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     print(f"wrote a Hugging Face checkpoint to {out} (AutoModelForCausalLM.from_pretrained loads it)")
 
@@ -219,9 +253,17 @@ def _common(
     )
     if seeded:
         seed_default = seed if seed is not None else "the config's, else 0"
-        parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed_default})")
+        parser.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default: {seed_default})")
     if progress:
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what --out holds (refused by default: flextron never replaces what it did not create)",
+    )
 
 
 def _routing(parser: argparse.ArgumentParser) -> None:
@@ -250,9 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--mlp-widths", type=_int_list, help="MLP width choices, e.g. 1536,1152,768,384")
     p.add_argument("--head-widths", type=_int_list, help="query-head choices, e.g. 9,6,3")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=256, help="tokens per calibration window (default: 256)"
+    )
+    p.add_argument(
+        "--calib-tokens", type=_positive_int, default=16384, help="calibration tokens (default: 16384)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default: 8)")
+    _overwrite(p)
     _common(p, seeded=False)
     p.set_defaults(run=cmd_convert)
 
@@ -266,20 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training text: a .txt file or a directory (default: Shakespeare)")
     p.add_argument("--eval-data", help="held-out text (default: held-out Shakespeare)")
     p.add_argument("--budgets", type=_float_list, help="trained budgets (latency fractions), e.g. 1,0.75,0.5")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the config's, else 100)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (default: the config's, else 100)")
     p.add_argument("--lut", help="a latency table from `flextron lut` (default: measured at the start)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
     )
+    _overwrite(p)
     _common(p, device=None, seed=None)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("lut", help="measure the latency lookup table on this device")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per forward (default: 1)")
     p.add_argument(
-        "--seq-len", type=int, default=256, help="prefill: tokens; decode: cached tokens (default: 256)"
+        "--seq-len",
+        type=_positive_int,
+        default=256,
+        help="prefill: tokens; decode: cached tokens (default: 256)",
     )
     p.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="default: prefill")
     _common(p)
@@ -292,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", type=_float_list, default=list(api.DEFAULT_BUDGETS), help="default: 1,0.75,0.5"
     )
     _routing(p)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens (default: 16384)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per window (default: 256)")
+    p.add_argument(
+        "--max-tokens", type=_positive_int, default=16384, help="evaluated tokens (default: 16384)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default: 8)")
     p.add_argument("--out", help="where perplexity.json/.png go (default: CHECKPOINT/eval)")
     _common(p, seeded=False)
     p.set_defaults(run=cmd_eval)
@@ -306,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _routing(p)
     p.add_argument("--mlp-choice", type=_int_list, help="MLP choice index (one, or one per layer)")
     p.add_argument("--attention-choice", type=_int_list, help="head choice index (one, or one per layer)")
+    _overwrite(p)
     _common(p, seeded=False, progress=False, dtype_help="dtype of the written weights")
     p.set_defaults(run=cmd_export)
 
@@ -314,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--budget", type=float, default=1.0, help="default: 1.0 (full width)")
     _routing(p)
-    p.add_argument("--max-new-tokens", type=int, default=40, help="default: 40")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="default: 40")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
     _common(p, progress=False)
     p.set_defaults(run=cmd_generate)
 

@@ -23,6 +23,7 @@ from flextron.checkpoint import atomic_write_json, save_elastic
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss
+from flextron.outputs import check_free, check_not_source, staged_directory
 from flextron.rope import RopeScaling
 from flextron.runtime import DtypeName, resolve_dtype
 
@@ -390,11 +391,19 @@ class ConvertOptions:
 
 
 def convert(
-    model_dir: str | Path, calibration: Sequence[Text], out: str | Path, options: ConvertOptions | None = None
+    model_dir: str | Path,
+    calibration: Sequence[Text],
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Load a Hugging Face model, score it on ``calibration`` text, permute it and save an
-    elastic checkpoint to ``out``."""
+    elastic checkpoint to ``out``: refused before any work when ``out`` holds something
+    (unless ``overwrite``) or overlaps the model; written whole (flextron.outputs)."""
     options = options or ConvertOptions()
+    out = Path(out)
+    check_not_source(out, Path(model_dir))
+    check_free(out, overwrite)
     hf_model, tokenizer = load_hf(model_dir)
     config = elastic_config_from_hf(hf_model.config, options.mlp_widths, options.head_choices)
     model = from_hf(hf_model, config).to(options.device)
@@ -432,7 +441,9 @@ def convert(
         "importance": scores.to_dict(),
         "uniform_losses": [asdict(entry) for entry in losses],
     }
-    return save_elastic(model.cpu(), out, metadata, tokenizer)
+    with staged_directory(out, overwrite) as staging:
+        save_elastic(model.cpu(), staging, metadata, tokenizer)
+    return out
 
 
 def source_config_dict(model_dir: str | Path) -> dict[str, Any]:
@@ -456,27 +467,29 @@ def export_hf(
     mlp_choice: int | Sequence[int],
     attention_choice: int | Sequence[int],
     tokenizer=None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the static sub-network (one MLP and one attention choice per layer, or the same
     for all) as a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads,
-    in the model's dtype. The limits of :func:`hf_submodel` apply."""
-    hf_model, width, heads = hf_submodel(model, source_config, mlp_choice, attention_choice)
+    in the model's dtype. The limits of :func:`hf_submodel` apply; ``out`` is written whole
+    and must be free unless ``overwrite`` (flextron.outputs)."""
     out = Path(out)
-    hf_model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    mlp_index = model.config.mlp_widths.index(width)
-    attention_index = model.config.head_choices.index(heads)
-    atomic_write_json(
-        out / "flextron_export.json",
-        {
-            "mlp_width": width,
-            "heads": heads,
-            "kv_heads": heads // model.config.head_group,
-            "mlp_choice": mlp_index,
-            "attention_choice": attention_index,
-        },
-    )
+    check_free(out, overwrite)
+    hf_model, width, heads = hf_submodel(model, source_config, mlp_choice, attention_choice)
+    with staged_directory(out, overwrite) as staging:
+        hf_model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        atomic_write_json(
+            staging / "flextron_export.json",
+            {
+                "mlp_width": width,
+                "heads": heads,
+                "kv_heads": heads // model.config.head_group,
+                "mlp_choice": model.config.mlp_widths.index(width),
+                "attention_choice": model.config.head_choices.index(heads),
+            },
+        )
     return out
 
 
@@ -505,6 +518,13 @@ def hf_submodel(
     )
     if len(mlp_choices) != layers or len(attention_choices) != layers:
         raise ValueError(f"need one choice per layer ({layers})")
+    for name, choices, count in (
+        ("MLP choice", mlp_choices, len(config.mlp_widths)),
+        ("attention choice", attention_choices, len(config.head_choices)),
+    ):
+        bad = [c for c in choices if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < count]
+        if bad:
+            raise ValueError(f"{name} must be an index in [0, {count}), got {bad[0]!r}")
     if len(set(mlp_choices)) > 1 or len(set(attention_choices)) > 1:
         raise ValueError(
             "per-layer widths differ, but transformers' Llama/GPT-2 configs hold one intermediate_size and "

@@ -27,7 +27,7 @@ from flextron.evaluation import mean_loss
 from flextron.latency import median_ms
 from flextron.model import Routing
 from flextron.runtime import DtypeName, resolve_dtype
-from flextron.training import TrainConfig, Trainer
+from flextron.training import TrainConfig, train
 
 
 @dataclass
@@ -85,6 +85,7 @@ def run(options: DemoOptions) -> list[BudgetRow]:
                 dtype=options.dtype,
                 progress=options.progress,
             ),
+            overwrite=True,  # the demo's own directory: only an incomplete earlier run is there
         )
     common = {
         "batch_size": options.batch_size,
@@ -111,10 +112,9 @@ def run(options: DemoOptions) -> list[BudgetRow]:
         done = latest_checkpoint(run_dir)
         if done is None or json.loads((done / "trainer.json").read_text())["step"] < config.steps:
             say(f"[{number}/5] {config.stage} training ({config.steps} steps)")
-            trainer = Trainer(
-                config, start, train_texts, run_dir, eval_texts, done is not None, options.progress
+            train(
+                config, start, train_texts, run_dir, eval_texts, done is not None, progress=options.progress
             )
-            trainer.run()
         start = latest_checkpoint(run_dir)
 
     say("[4/5] measuring each budget: latency of the routed model, perplexity")

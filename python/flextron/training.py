@@ -18,6 +18,7 @@ exactly. Runs under torchrun with DDP or FSDP2 (``parallel``), one data shard pe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -45,6 +46,7 @@ from flextron.checkpoint import (
     atomic_save_tensors,
     atomic_write_bytes,
     atomic_write_json,
+    checkpoint_step,
     latest_checkpoint,
     load_elastic,
     load_optimizer,
@@ -56,12 +58,46 @@ from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
 from flextron.latency import LatencyTable, measure
 from flextron.model import ElasticLM, Routing, UniformLoss, lowest_loss_within
+from flextron.outputs import DirectoryLock, OutputError, check_not_source
 from flextron.routers import RouterOutput, StaticRouter, TokenRouter, load_router_state
 from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_device, resolve_dtype
 from flextron.surrogate import Surrogate, SurrogateTrainer
 
 Stage = Literal["elastic", "routers", "joint"]
 STATE_FILE = "trainer.json"
+RUN_FILES = ("latest", "log.jsonl", "train_config.json")  # a run writes these beside its checkpoints
+# Settings a resumed run may change; any other difference would not resume "exactly".
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "eval_tokens", "save_every", "keep_last"})
+
+
+INT_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "router_hidden",
+              "eval_every", "eval_tokens", "save_every", "keep_last", "train_tokens")  # fmt: skip
+FLOAT_FIELDS = ("lr", "router_lr", "weight_decay", "min_lr_ratio", "clip_norm", "p_full", "router_prior",
+                "temperature_start", "temperature_end", "latency_weight", "surrogate_threshold")  # fmt: skip
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+RULES = {  # field: (check, what the value must be)
+    **dict.fromkeys(("steps", "batch_size", "seq_len", "grad_accum", "router_hidden"), POSITIVE),
+    **dict.fromkeys(("eval_tokens", "keep_last", "train_tokens"), POSITIVE),
+    **dict.fromkeys(("lr", "router_lr", "clip_norm"), POSITIVE),
+    **dict.fromkeys(("temperature_start", "temperature_end"), POSITIVE),
+    **dict.fromkeys(
+        (
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "weight_decay",
+            "latency_weight",
+            "router_prior",
+            "surrogate_threshold",
+        ),
+        NON_NEGATIVE,
+    ),
+    "min_lr_ratio": FRACTION,
+    "p_full": FRACTION,
+    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+}
 
 
 @dataclass
@@ -102,6 +138,19 @@ class TrainConfig:
     train_tokens: int = 1_000_000  # at most this many tokens of the training text are used
 
     def __post_init__(self) -> None:
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int:  # bool, 1.5 and "3" are not step counts
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        if isinstance(self.budgets, str | bytes) or not isinstance(self.budgets, Sequence):
+            raise ValueError(f"budgets must be a list of numbers, got {self.budgets!r}")
+        if any(isinstance(b, bool) or not isinstance(b, int | float) for b in self.budgets):
+            raise ValueError(f"budgets must be a list of numbers, got {list(self.budgets)!r}")
         self.budgets = tuple(float(b) for b in self.budgets)
         choices = {
             "stage": ("elastic", "routers", "joint"),
@@ -114,30 +163,17 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "keep_last",
-            "eval_tokens",
-            "train_tokens",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.p_full <= 1:
-            raise ValueError(f"p_full must be in [0, 1], got {self.p_full}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
+        if self.lut is not None and not isinstance(self.lut, str):
+            raise ValueError(f"lut must be a path, got {self.lut!r}")
+        for name, (check, requirement) in RULES.items():
+            if not check(getattr(self, name)):
+                raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)!r}")
         if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
             raise ValueError(f"budgets must be in (0, 1], got {list(self.budgets)}")
-        if self.router_prior < 0:
-            raise ValueError(f"router_prior must be >= 0, got {self.router_prior}")
-        if not 0 < self.temperature_end <= self.temperature_start:
+        if self.temperature_end > self.temperature_start:
             raise ValueError("temperatures must satisfy 0 < temperature_end <= temperature_start")
-        if self.lr <= 0 or self.router_lr <= 0:
-            raise ValueError("learning rates must be positive")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -262,6 +298,63 @@ class Windows:
 
 
 # ---------------------------------------------------------------------------------------
+# The run directory (flextron.outputs: never replace what this run did not create)
+
+
+def run_checkpoints(out_dir: Path) -> list[Path]:
+    """A run directory's checkpoints, oldest step first (by number, not by name)."""
+    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def prepare_run_directory(out_dir: Path, source: Path, resume: bool, overwrite: bool) -> None:
+    """Called with the run directory locked: remove what killed runs left (``.partial``
+    checkpoints, temporary files), and for a new run refuse a directory that holds another
+    run's checkpoints (or the source checkpoint) unless ``overwrite``."""
+    for stale in out_dir.glob("checkpoint-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    if resume:
+        return
+    check_not_source(out_dir, source)
+    existing = run_checkpoints(out_dir)
+    if existing and not overwrite:
+        raise OutputError(
+            f"--out {out_dir} holds another run's checkpoints (up to {existing[-1].name}): pass --resume "
+            "to continue that run, --overwrite to replace it, or choose another --out"
+        )
+    for old in existing:
+        shutil.rmtree(old)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig, out_dir: Path) -> None:
+    """A resumed run must use the settings it was started with (except RESUMABLE_CHANGES)."""
+    given = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in given if k not in RESUMABLE_CHANGES and saved.get(k) != given[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {given[k]!r}" for k in changed)
+        raise CheckpointError(
+            f"--resume: the run in {out_dir} was started with other settings ({detail}); only "
+            f"{sorted(RESUMABLE_CHANGES)} may change when resuming"
+        )
+
+
+def truncate_log(log: Path, step: int) -> None:
+    """Drop the log lines of steps after ``step`` (a killed run logged steps it did not save)."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("step", entry.get("eval", {}).get("step", 0)) <= step:
+            kept.append(line)
+    atomic_write_bytes(log, "".join(f"{line}\n" for line in kept).encode())
+
+
+# ---------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -289,6 +382,8 @@ class Trainer:
         if resume and resume_from is None:
             raise CheckpointError(f"--resume: {self.out_dir} holds no checkpoint to resume from")
         self.model, self.record = load_elastic(resume_from or source, device=self.device)
+        if resume_from is not None:
+            check_resumable(self.record.get("training", {}).get("config", {}), config, self.out_dir)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resume_from or source, local_files_only=True)
@@ -588,8 +683,7 @@ class Trainer:
             shutil.rmtree(final)
         partial.rename(final)
         atomic_write_bytes(self.out_dir / "latest", (name + "\n").encode())
-        checkpoints = sorted(p for p in self.out_dir.glob("checkpoint-*") if not p.name.endswith(".partial"))
-        for old in checkpoints[: -self.config.keep_last]:
+        for old in run_checkpoints(self.out_dir)[: -self.config.keep_last]:
             shutil.rmtree(old)
         return final
 
@@ -636,6 +730,8 @@ class Trainer:
             disable=not self.progress or self.rank != 0,
         )
         log = self.out_dir / "log.jsonl"
+        if self.rank == 0:
+            truncate_log(log, self.start_step)
         for step in bar:
             loss, info = self.step(step)
             self.result.losses.append(loss)
@@ -668,10 +764,13 @@ def train(
     eval_texts: Sequence[Text] = (),
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Run one training stage from an elastic checkpoint (or resume the last checkpoint in
     ``out_dir``); checkpoints land in ``out_dir/checkpoint-NNNNNN`` (``out_dir/latest``
-    names the newest) and each is itself an elastic checkpoint (eval, export, generate)."""
+    names the newest) and each is itself an elastic checkpoint (eval, export, generate).
+    ``out_dir`` is locked while the run writes it; a new run refuses a directory holding
+    another run's checkpoints unless ``overwrite``."""
     started = False
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         backend = "nccl" if config.device.startswith("cuda") else "gloo"
@@ -679,8 +778,13 @@ def train(
         if config.device.startswith("cuda"):
             config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         started = True
+    out_dir = Path(out_dir)
+    writer = (dist.get_rank() if dist.is_initialized() else 0) == 0
     try:
-        return Trainer(config, checkpoint, texts, out_dir, eval_texts, resume, progress).run()
+        with DirectoryLock(out_dir / ".lock", f"--out {out_dir}") if writer else contextlib.nullcontext():
+            if writer:
+                prepare_run_directory(out_dir, Path(checkpoint), resume, overwrite)
+            return Trainer(config, checkpoint, texts, out_dir, eval_texts, resume, progress).run()
     finally:
         if started:
             dist.destroy_process_group()

@@ -1,0 +1,272 @@
+"""Nothing a user already has is destroyed (flextron.outputs): overwrite protection, the
+source is never the destination, outputs written whole, one writer per directory, run
+directories owned by one run, resume refusing changed settings, and the checks on values
+that used to pass silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import flextron
+from flextron import cli, data
+from flextron.checkpoint import CheckpointError, latest_checkpoint, load_elastic
+from flextron.conversion import ConvertOptions, convert
+from flextron.outputs import DirectoryLock, OutputError, staged_directory
+from flextron.training import TrainConfig, train
+
+SMALL = {"batch_size": 2, "seq_len": 32, "train_tokens": 3000, "eval_tokens": 64, "warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return data.shakespeare("train")[:1], data.shakespeare("eval")[:1]
+
+
+@pytest.fixture(scope="module")
+def elastic(tiny_model_dir, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs") / "elastic"
+    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_choices=(4, 2))
+    return convert(tiny_model_dir, texts[0], out, options)
+
+
+def run(elastic, texts, out, steps=2, **kwargs):
+    config = TrainConfig(stage="elastic", steps=steps, save_every=1, keep_last=2, **SMALL)
+    return train(config, elastic, texts[0], out, texts[1], progress=False, **kwargs)
+
+
+def logged_steps(out):
+    lines = (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    return [entry["step"] for entry in lines if "step" in entry]
+
+
+def test_a_new_run_refuses_another_runs_directory(elastic, texts, tmp_path):
+    run(elastic, texts, tmp_path / "run", steps=4)
+    with pytest.raises(OutputError, match=r"holds another run's checkpoints .*--resume.*--overwrite"):
+        run(elastic, texts, tmp_path / "run", steps=2)
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-000004"  # untouched
+    run(elastic, texts, tmp_path / "run", steps=2, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [
+        "checkpoint-000001",
+        "checkpoint-000002",
+    ]
+    assert logged_steps(tmp_path / "run") == [1, 2]  # the old run's log is gone with it
+
+
+def test_training_never_writes_over_its_source(elastic, texts, tmp_path):
+    run(elastic, texts, tmp_path / "run", steps=2)
+    source = tmp_path / "run" / "checkpoint-000002"
+    config = TrainConfig(stage="elastic", steps=2, **SMALL)
+    with pytest.raises(OutputError, match="overlaps the source"):
+        train(config, source, texts[0], tmp_path / "run", texts[1], progress=False, overwrite=True)
+    load_elastic(source)
+
+
+def test_pruning_keeps_the_newest_steps_by_number(elastic, texts, tmp_path):
+    """checkpoint-1000000 sorts before checkpoint-999999 by name: pruning goes by step."""
+    out = tmp_path / "run"
+    run(elastic, texts, out, steps=3)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    (out / "checkpoint-000003").rename(out / "checkpoint-1000000")
+    (out / "latest").write_text("checkpoint-1000000\n")
+    from flextron.training import run_checkpoints
+
+    assert [p.name for p in run_checkpoints(out)] == ["checkpoint-000002", "checkpoint-1000000"]
+
+
+def test_resume_refuses_changed_settings_and_truncates_the_log(elastic, texts, tmp_path):
+    out = tmp_path / "run"
+    run(elastic, texts, out, steps=2)
+    with (out / "log.jsonl").open("a") as f:  # a killed run logged a step it never saved
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    changed = TrainConfig(stage="elastic", steps=3, save_every=1, **{**SMALL, "batch_size": 3, "seq_len": 16})
+    with pytest.raises(CheckpointError, match=r"batch_size: 2 -> 3, seq_len: 32 -> 16"):
+        train(changed, "unused", texts[0], out, texts[1], resume=True, progress=False)
+    more_steps = TrainConfig(stage="elastic", steps=3, save_every=1, keep_last=2, **SMALL)  # may change
+    train(more_steps, "unused", texts[0], out, texts[1], resume=True, progress=False)
+    assert logged_steps(out) == [1, 2, 3]
+
+
+def test_one_writer_per_run_directory(elastic, texts, tmp_path):
+    """A second process on the same --out is refused with the holder's PID; the lock goes
+    with its holder (a dead process leaves nothing to clean up)."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import sys, time
+            from flextron.outputs import DirectoryLock
+            with DirectoryLock({str(out / ".lock")!r}, "run"):
+                print("locked", flush=True)
+                sys.stdin.read()
+            """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputError, match=f"being written by another process \\(PID {holder.pid}\\)"):
+            run(elastic, texts, out, steps=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    run(elastic, texts, out, steps=1)  # the dead holder's lock is free
+
+
+def test_export_and_convert_refuse_their_source_and_existing_outputs(
+    elastic, tiny_model_dir, texts, tmp_path
+):
+    with pytest.raises(OutputError, match="overlaps the source"):
+        flextron.export(elastic, elastic, mlp_choice=0, attention_choice=0, overwrite=True)
+    with pytest.raises(OutputError, match="overlaps the source"):
+        convert(tiny_model_dir, texts[0], tiny_model_dir, ConvertOptions(progress=False), overwrite=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="already exists and is not empty: pass --overwrite"):
+        flextron.export(elastic, mine, mlp_choice=0, attention_choice=0)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    flextron.export(elastic, mine, mlp_choice=1, attention_choice=1, overwrite=True)
+    assert not (mine / "notes.txt").exists() and (mine / "config.json").is_file()
+
+
+@pytest.mark.parametrize("choice", [-1, 2])
+def test_export_refuses_choices_out_of_range(elastic, tmp_path, choice):
+    with pytest.raises(ValueError, match=r"MLP choice must be an index in \[0, 2\)"):
+        flextron.export(elastic, tmp_path / "x", mlp_choice=choice, attention_choice=0)
+
+
+def test_a_killed_write_leaves_the_old_output_whole(elastic, tmp_path, monkeypatch):
+    """Killed between files, convert/export leave the previous output, never a mix."""
+    out = tmp_path / "export"
+    flextron.export(elastic, out, mlp_choice=0, attention_choice=0)
+    before = sorted(p.name for p in out.iterdir())
+
+    def killed(path, *args, **kwargs):  # the last file: weights and tokenizer are written
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr("flextron.conversion.atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        flextron.export(elastic, out, mlp_choice=1, attention_choice=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "flextron_export.json").read_text())["mlp_choice"] == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.partial")] == []
+
+
+def test_staged_directory_cleans_up_after_a_killed_process(tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.partial-999999"  # a killed run's temporary sibling
+    stale.mkdir()
+    with staged_directory(out, overwrite=False) as staging:
+        (staging / "file").write_text("new")
+    assert (out / "file").read_text() == "new" and not stale.exists()
+
+
+def test_files_follow_the_umask(elastic, texts, tmp_path):
+    old = os.umask(0o027)  # group may read, others nothing
+    try:
+        run(elastic, texts, tmp_path / "run", steps=1)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "flextron.json", "optimizer.safetensors", "trainer.json"):
+        assert (tmp_path / "run" / "checkpoint-000001" / name).stat().st_mode & 0o777 == 0o640, name
+    assert (tmp_path / "run" / "latest").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("pointer", ["../../other/checkpoint-000030", "/tmp/checkpoint-000001", "junk"])
+def test_latest_must_name_a_checkpoint_inside_the_run(tmp_path, pointer):
+    (tmp_path / "latest").write_text(pointer + "\n")
+    with pytest.raises(CheckpointError, match="must name a checkpoint-NNNNNN inside"):
+        latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"clip_norm": -1}, "clip_norm must be positive"),
+        ({"clip_norm": 0}, "clip_norm must be positive"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"latency_weight": -1.0}, "latency_weight must be >= 0"),
+        ({"router_hidden": 0}, "router_hidden must be positive"),
+        ({"surrogate_threshold": -0.1}, "surrogate_threshold must be >= 0"),
+        ({"router_prior": float("nan")}, "router_prior must be a finite number"),
+        ({"temperature_start": float("inf")}, "temperature_start must be a finite number"),
+        ({"save_every": True}, "save_every must be an integer"),
+        ({"warmup_steps": 1.5}, "warmup_steps must be an integer"),
+        ({"steps": "abc"}, "steps must be an integer"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"lr": "1e-3"}, "lr must be a finite number"),
+        ({"budgets": 0.5}, "budgets must be a list of numbers"),
+        ({"seed": 2**70}, r"seed must be in \[0, 2\*\*63\)"),
+    ],
+)
+def test_train_config_names_the_bad_field(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_config_file_type_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text('steps = "abc"\n')
+    argv = [
+        "train",
+        "--checkpoint",
+        "x",
+        "--out",
+        str(tmp_path / "o"),
+        "--config",
+        str(tmp_path / "bad.toml"),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "steps must be an integer" in err and "Traceback" not in err
+
+
+def test_ops_reject_silent_narrowing_and_misplaced_biases():
+    offsets = torch.tensor([0, 2, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="positive 32-bit integers"):
+        flextron.nested_linear_n(torch.randn(4, 8), torch.randn(16, 8), offsets, torch.tensor([2**32 + 8, 4]))
+    x, choice = torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
+    w_up, w_down = torch.randn(16, 8), torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"b_down must be 1-D \[8\]"):
+        flextron.elastic_mlp(x, choice, w_up, w_down, [16, 8], "gelu", b_down=torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"b_up must be 1-D \[16\]"):
+        flextron.elastic_mlp(x, choice, w_up, w_down, [16, 8], "gelu", b_up=torch.randn(4, 16))
+
+
+def test_directory_lock_is_reentrant_after_release(tmp_path):
+    with DirectoryLock(tmp_path / ".lock", "x"):
+        pass
+    with DirectoryLock(tmp_path / ".lock", "x"):
+        pass
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--checkpoint", "x", "--seq-len", "0"],
+        ["eval", "--checkpoint", "x", "--seq-len", "-5"],
+        ["eval", "--checkpoint", "x", "--batch-size", "0"],
+        ["eval", "--checkpoint", "x", "--batch-size", "-1"],
+        ["generate", "--checkpoint", "x", "--temperature", "nan"],
+        ["generate", "--checkpoint", "x", "--seed", str(2**70)],
+        ["train", "--checkpoint", "x", "--out", "y", "--steps", "1.5"],
+    ],
+)
+def test_bad_numeric_flags_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
