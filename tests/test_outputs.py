@@ -270,3 +270,31 @@ def test_bad_numeric_flags_are_one_line(argv, capsys):
         cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_binary_files_are_not_text(tmp_path):
+    (tmp_path / "random.txt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match=r"random.txt is not a UTF-8 text file"):
+        data.read_texts(tmp_path / "random.txt")
+    (tmp_path / "ok.txt").write_text("Shall I compare thee to a summer's day? — naïve café")
+    assert "naïve" in data.read_texts(tmp_path / "ok.txt")[0].content
+
+
+@pytest.mark.parametrize("damage", ["truncate optimizer", "step as text", "missing keys"])
+def test_a_damaged_training_state_is_named(elastic, texts, tmp_path, damage):
+    out = tmp_path / "run"
+    run(elastic, texts, out, steps=1)
+    checkpoint = out / "checkpoint-000001"
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    if damage == "truncate optimizer":
+        path = checkpoint / "optimizer.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+        expected = "optimizer.safetensors is corrupt or unreadable"
+    elif damage == "step as text":
+        (checkpoint / "trainer.json").write_text(json.dumps({**state, "step": "1"}))
+        expected = "step must be an integer"
+    else:
+        (checkpoint / "trainer.json").write_text(json.dumps({"step": 1}))
+        expected = "trainer.json is missing or corrupt"
+    with pytest.raises(CheckpointError, match=expected):
+        run(elastic, texts, out, steps=2, resume=True)

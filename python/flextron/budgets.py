@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from safetensors.torch import load_file
 
-from flextron.checkpoint import ROUTERS, CheckpointError, stored_losses
+from flextron.checkpoint import ROUTERS, CheckpointError, read_tensors, stored_losses
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
 from flextron.routers import StaticRouter, TokenRouter, TokenRouting, load_router_state
 
@@ -98,7 +97,7 @@ def load_router(
         raise CheckpointError(f"{directory}: unknown router kind {meta.get('kind')!r}")
     router = kinds[meta["kind"]](config, meta["budgets"], meta["hidden"])
     try:
-        load_router_state(router, load_file(path, device=str(device)))
+        load_router_state(router, read_tensors(path, device))
     except RuntimeError as e:
         raise CheckpointError(
             f"{path} does not match the model's routers: {str(e).splitlines()[0]}"

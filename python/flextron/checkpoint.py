@@ -75,6 +75,15 @@ def atomic_save_tensors(
         raise
 
 
+def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is a CheckpointError
+    that names it."""
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
+
+
 def model_tensors(model: ElasticLM) -> dict[str, torch.Tensor]:
     """The model's weights; a tied output head is stored once (as the embedding)."""
     tensors = dict(model.state_dict())
@@ -149,10 +158,7 @@ def load_elastic(
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} is incomplete: {WEIGHTS} is missing")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is corrupt: {e}") from None
+    tensors = read_tensors(weights)
     with torch.device("meta"):
         model = ElasticLM(config)
     expected = model_tensors(model)

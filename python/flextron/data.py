@@ -122,16 +122,25 @@ def shakespeare(split: str = "train") -> list[Text]:
     return texts
 
 
+def read_text_file(path: Path) -> Text:
+    """A UTF-8 text file; binary files (NUL bytes, or mostly undecodable) are refused by name."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if b"\0" in raw or text.count("\ufffd") > 0.01 * max(len(text), 1):
+        raise ValueError(f"{path} is not a UTF-8 text file (binary data?)")
+    return Text(path.stem, text)
+
+
 def read_texts(path: str | Path) -> list[Text]:
     """Text from a file, or every ``.txt`` file under a directory (sorted)."""
     path = Path(path)
     if path.is_file():
-        return [Text(path.stem, path.read_text(encoding="utf-8", errors="replace"))]
+        return [read_text_file(path)]
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise MissingDataError(f"{path} holds no .txt files")
-        return [Text(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        return [read_text_file(f) for f in files]
     raise MissingDataError(f"{path} does not exist")
 
 

@@ -34,7 +34,6 @@ from typing import Any, Literal
 import tomllib
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -51,6 +50,7 @@ from flextron.checkpoint import (
     load_elastic,
     load_optimizer,
     optimizer_tensors,
+    read_tensors,
     save_elastic,
     stored_losses,
 )
@@ -413,7 +413,7 @@ class Trainer:
                 self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
             saved = (resume_from or source) / ROUTERS
             if saved.is_file() and router_metadata(self.record) == self._router_signature():
-                load_router_state(self.router, load_file(saved, device=str(self.device)))
+                load_router_state(self.router, read_tensors(saved, self.device))
                 router_loaded = True
 
         self.teacher = None
@@ -688,20 +688,30 @@ class Trainer:
         return final
 
     def _load_training_state(self, directory: Path) -> None:
-        state = json.loads((directory / STATE_FILE).read_text())
-        saved = state["optimizer"]
+        try:
+            state = json.loads((directory / STATE_FILE).read_text())
+            saved, step, losses = state["optimizer"], state["step"], state["losses"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{directory / STATE_FILE} is missing or corrupt: {e!r}") from None
+        if type(step) is not int or not isinstance(losses, list):
+            raise CheckpointError(f"{directory / STATE_FILE}: step must be an integer, got {step!r}")
         if saved is None or (self.world > 1 and self.config.parallel == "fsdp"):
             raise CheckpointError(
                 "resuming an FSDP run is not supported yet (its optimizer state is not saved)"
             )
-        load_optimizer(
-            self.optimizer, load_file(directory / "optimizer.safetensors", device=str(self.device)), saved
-        )
-        self.start_step = state["step"]
-        self.result.losses = list(state["losses"])
+        try:
+            load_optimizer(
+                self.optimizer, read_tensors(directory / "optimizer.safetensors", self.device), saved
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{directory / 'optimizer.safetensors'} does not fit this model: {e}"
+            ) from None
+        self.start_step = step
+        self.result.losses = list(losses)
         self.result.evaluations = list(state.get("evaluations", []))
         if self.surrogate is not None and "surrogate" in state:
-            tensors = load_file(directory / "surrogate.safetensors")
+            tensors = read_tensors(directory / "surrogate.safetensors")
             self.surrogate.surrogate.load_state_dict(
                 {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
             )
