@@ -20,14 +20,20 @@ NestedGemmKind to_kind(int64_t kind) {
   return static_cast<NestedGemmKind>(kind);
 }
 
+// Contiguous offsets, checked with the same function the device kernels use.
+at::Tensor valid_offsets(const at::Tensor& offsets, const GroupWidths& widths, int64_t rows) {
+  auto bounds = offsets.contiguous();
+  TORCH_CHECK_VALUE(offsets_valid(bounds.data_ptr<int32_t>(), widths.count, rows),
+                    "offsets must start at 0, not decrease and end at M=", rows);
+  return bounds;
+}
+
 // [G, 8] int64: m, n, k, a_offset, b_offset, d_offset, zero_m, zero_n of every group.
 at::Tensor nested_group_problems(int64_t kind_index, const at::Tensor& a, const at::Tensor& b,
                                  const at::Tensor& offsets, const at::Tensor& widths) {
   const auto kind = to_kind(kind_index);
   const auto checked = check_nested_inputs(kind, a, b, offsets, widths);
-  const auto bounds = offsets.contiguous();
-  TORCH_CHECK_VALUE(offsets_valid(bounds.data_ptr<int32_t>(), checked.count, a.size(0)),
-                    "offsets must start at 0, not decrease and end at M=", a.size(0));
+  const auto bounds = valid_offsets(offsets, checked, a.size(0));
   const auto operands = nested_operands(kind, a, b);
   auto out = at::empty({int64_t{checked.count}, 8}, at::kLong);
   auto* row = out.data_ptr<int64_t>();
@@ -111,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_gemm_emulate(
     const at::Tensor& widths) {
   const auto kind = to_kind(kind_index);
   const auto checked = check_nested_inputs(kind, a, b, offsets, widths);
-  const auto bounds = offsets.contiguous();
-  TORCH_CHECK_VALUE(offsets_valid(bounds.data_ptr<int32_t>(), checked.count, a.size(0)),
-                    "offsets must start at 0, not decrease and end at M=", a.size(0));
+  const auto bounds = valid_offsets(offsets, checked, a.size(0));
   const auto shape = nested_output_shape(kind, a, b);
   auto out = at::empty(shape, a.options().dtype(at::kDouble));
   auto writes = at::zeros(shape, a.options().dtype(at::kInt));

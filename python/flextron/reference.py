@@ -58,16 +58,17 @@ def nested_linear_k(x: Tensor, weight: Tensor, offsets: Tensor, widths: Sequence
     return out
 
 
+def _weight_grad_accumulator(grad_out: Tensor, x: Tensor) -> Tensor:
+    """Zeros ``[grad_out columns, x columns]`` in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.zeros(grad_out.shape[1], x.shape[1], dtype=dtype, device=x.device)
+
+
 def nested_weight_grad(
     grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor
 ) -> Tensor:
     """Per-group accumulation ``dw[:d_g] += grad_out_g[:, :d_g].T @ x_g`` (fp32 accumulate)."""
-    acc = torch.zeros(
-        grad_out.shape[1],
-        x.shape[1],
-        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-        device=x.device,
-    )
+    acc = _weight_grad_accumulator(grad_out, x)
     bounds = _bounds(offsets)
     for g, d in enumerate(_widths_list(widths)):
         start, end = bounds[g], bounds[g + 1]
@@ -79,12 +80,7 @@ def nested_weight_grad_k(
     grad_out: Tensor, x: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor
 ) -> Tensor:
     """Per-group accumulation ``dw[:, :d_g] += grad_out_g.T @ x_g[:, :d_g]`` (fp32 accumulate)."""
-    acc = torch.zeros(
-        grad_out.shape[1],
-        x.shape[1],
-        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-        device=x.device,
-    )
+    acc = _weight_grad_accumulator(grad_out, x)
     bounds = _bounds(offsets)
     for g, d in enumerate(_widths_list(widths)):
         start, end = bounds[g], bounds[g + 1]
