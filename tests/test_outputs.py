@@ -298,3 +298,44 @@ def test_a_damaged_training_state_is_named(elastic, texts, tmp_path, damage):
         expected = "trainer.json is missing or corrupt"
     with pytest.raises(CheckpointError, match=expected):
         run(elastic, texts, out, steps=2, resume=True)
+
+
+def test_weights_of_another_dtype_are_refused(elastic, tmp_path):
+    """An int64 (or fp16) tensor in model.safetensors used to load into the fp32 model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(elastic, copy)
+    tensors = load_file(copy / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].to(torch.int64)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "flextron-elastic"})
+    with pytest.raises(CheckpointError, match=f"{name} is torch.int64 .*, expected torch.float32"):
+        load_elastic(copy)
+
+
+def test_pickled_code_in_a_model_is_one_line(tmp_path, capsys):
+    import pickle
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    config.save_pretrained(tmp_path / "evil")
+    with open(tmp_path / "evil" / "pytorch_model.bin", "wb") as f:
+        pickle.dump(_Payload(tmp_path / "ran"), f)
+    assert cli.main(["convert", "--model", str(tmp_path / "evil"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "holds pickled code" in err and err.count("\n") == 1 and not (tmp_path / "ran").exists()
+
+
+class _Payload:
+    """Creates a file when unpickled (torch.load with weights_only refuses to)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -168,9 +168,10 @@ def load_elastic(
             f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
             raise CheckpointError(
-                f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                f"{weights}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"expected {expected[name].dtype} {tuple(expected[name].shape)}"
             )
     model.load_state_dict(tensors, strict=False, assign=True)
     model.finish_loading(device)

@@ -10,6 +10,7 @@ SmolLM is ``llama``) and ``gpt2``. Everything is read from local directories
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,7 +54,13 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_supported(hf_config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickled object
+        raise UnsupportedModelError(
+            f"{model_dir}: its pytorch_model.bin holds pickled code, which is never loaded; "
+            "convert a safetensors checkpoint instead"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return model.eval(), tokenizer
 
