@@ -226,16 +226,6 @@ def make_choice(tokens: int, shares: tuple[float, ...], device: str, gen: torch.
     return choice[torch.randperm(tokens, generator=gen)].to(device)
 
 
-def operand_shapes(op: str, tokens: int, nested: int, other: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(a, b) shapes of ``op(a, b, offsets, widths)`` (as in tests/test_nested_linear.py)."""
-    return {
-        "nested_linear_n": ((tokens, other), (nested, other)),  # x [M, K], w [Nmax, K]
-        "nested_linear_k": ((tokens, nested), (other, nested)),  # x [M, Kmax], w [N, Kmax]
-        "nested_weight_grad": ((tokens, nested), (tokens, other)),  # dy [M, Nmax], x [M, K]
-        "nested_weight_grad_k": ((tokens, other), (tokens, nested)),  # dy [M, N], x [M, Kmax]
-    }[op]
-
-
 def misaligned(t: torch.Tensor, elements: int = 3) -> torch.Tensor:
     """A contiguous copy of ``t`` whose storage starts ``elements`` elements in."""
     buf = torch.empty(t.numel() + elements, dtype=t.dtype, device=t.device)
@@ -266,7 +256,7 @@ def op_case(
     gen = torch.Generator().manual_seed(seed)
     choice = make_choice(tokens, shares, cfg.device, gen)
     plan = fx.route_plan(choice, widths)
-    a_shape, b_shape = operand_shapes(op, tokens, cfg.nested, cfg.other)
+    a_shape, b_shape = ref.nested_operand_shapes(op, tokens, cfg.nested, cfg.other)
     dgen = torch.Generator(device=cfg.device).manual_seed(seed)
     a = torch.randn(a_shape, generator=dgen, device=cfg.device, dtype=torch.float64)
     b = torch.randn(b_shape, generator=dgen, device=cfg.device, dtype=torch.float64)
@@ -341,7 +331,7 @@ def stream_case(
     long sleep: an op that launched on another stream would read them too early."""
     gen = torch.Generator().manual_seed(seed)
     choice = make_choice(tokens, MIXES["all"], cfg.device, gen)
-    a_shape, b_shape = operand_shapes(op, tokens, cfg.nested, cfg.other)
+    a_shape, b_shape = ref.nested_operand_shapes(op, tokens, cfg.nested, cfg.other)
     dgen = torch.Generator(device=cfg.device).manual_seed(seed)
     a = torch.randn(a_shape, generator=dgen, device=cfg.device, dtype=torch.float64)
     b = torch.randn(b_shape, generator=dgen, device=cfg.device, dtype=torch.float64)

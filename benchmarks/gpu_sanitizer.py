@@ -50,12 +50,9 @@ def operands(op: str, rows: int, nested: int, other: int, dtype: torch.dtype, de
     """(a, b) of ``op(a, b, offsets, widths)`` for ``rows`` tokens."""
     import torch
 
-    shapes = {
-        "nested_linear_n": ((rows, other), (nested, other)),
-        "nested_linear_k": ((rows, nested), (other, nested)),
-        "nested_weight_grad": ((rows, nested), (rows, other)),
-        "nested_weight_grad_k": ((rows, other), (rows, nested)),
-    }[op]
+    from flextron.reference import nested_operand_shapes
+
+    shapes = nested_operand_shapes(op, rows, nested, other)
     return tuple(torch.randn(*s, device=device, dtype=torch.float32).to(dtype) for s in shapes)
 
 

@@ -25,12 +25,7 @@ LAYOUT_FORWARD, LAYOUT_TRANSPOSED_WEIGHT, LAYOUT_WEIGHT_GRAD = 0, 1, 2
 
 def operands(kind: str, tokens: int, nested: int, other: int, gen: torch.Generator):
     """(a, b) in float64 as the op takes them; the nested dimension has size `nested`."""
-    shapes = {
-        "nested_linear_n": ((tokens, other), (nested, other)),  # x [M, K], weight [Nmax, K]
-        "nested_linear_k": ((tokens, nested), (other, nested)),  # x [M, Kmax], weight [N, Kmax]
-        "nested_weight_grad": ((tokens, nested), (tokens, other)),  # dy [M, Nmax], x [M, K]
-        "nested_weight_grad_k": ((tokens, other), (tokens, nested)),  # dy [M, N], x [M, Kmax]
-    }[kind]
+    shapes = reference.nested_operand_shapes(kind, tokens, nested, other)
     return tuple(torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
 
 

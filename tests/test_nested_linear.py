@@ -48,17 +48,6 @@ def check_op(op_name: str, a_shape, b_shape, widths, tokens, dtype, device, gen,
     return plan, ours
 
 
-def operand_shapes(op: str, tokens: int, nested: int, other: int):
-    """(a, b) shapes of `op` when its nested dimension has size `nested` and the free
-    dimension size `other`."""
-    return {
-        "nested_linear_n": ((tokens, other), (nested, other)),  # x [M, K], w [Nmax, K]
-        "nested_linear_k": ((tokens, nested), (other, nested)),  # x [M, Kmax], w [N, Kmax]
-        "nested_weight_grad": ((tokens, nested), (tokens, other)),  # dy [M, Nmax], x [M, K]
-        "nested_weight_grad_k": ((tokens, other), (tokens, nested)),  # dy [M, N], x [M, Kmax]
-    }[op]
-
-
 NESTED_OPS = ["nested_linear_n", "nested_linear_k", "nested_weight_grad", "nested_weight_grad_k"]
 
 
@@ -77,7 +66,7 @@ def test_nested_ops_cpu(op, tokens, other, extra, widths, dtype, seed, skew):
     """Any width set (not only multiples of 8 or of a tile size), M = 0, empty groups,
     nested dimension larger than the widest width."""
     gen = torch.Generator().manual_seed(seed)
-    a_shape, b_shape = operand_shapes(op, tokens, widths[0] + extra, other)
+    a_shape, b_shape = reference.nested_operand_shapes(op, tokens, widths[0] + extra, other)
     _, out = check_op(op, a_shape, b_shape, widths, tokens, dtype, "cpu", gen, skew)
     weight_grad = op.startswith("nested_weight_grad")
     assert out.shape == ((a_shape[1], b_shape[1]) if weight_grad else (tokens, b_shape[0]))

@@ -49,7 +49,7 @@ def check_not_source(out: Path, *sources: Path, flag: str = "--out") -> None:
 def check_free(out: Path, overwrite: bool, flag: str = "--out") -> None:
     """Refuse an existing non-empty ``out`` unless ``overwrite``."""
     out = Path(out)
-    if out.is_file() or (out.exists() and not out.is_dir()):
+    if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{flag} {out} already exists and is not empty: pass --overwrite to replace it")

@@ -40,6 +40,17 @@ def unpermute(y: Tensor, perm: Tensor, scale: Tensor | None = None) -> Tensor:
     return out
 
 
+def nested_operand_shapes(op: str, tokens: int, nested: int, other: int) -> tuple[tuple[int, int], ...]:
+    """The ``(a, b)`` shapes of a nested GEMM op ``op(a, b, offsets, widths)`` for ``tokens``
+    rows when its nested dimension has size ``nested`` and its free one ``other``."""
+    return {
+        "nested_linear_n": ((tokens, other), (nested, other)),  # x [M, K], weight [Nmax, K]
+        "nested_linear_k": ((tokens, nested), (other, nested)),  # x [M, Kmax], weight [N, Kmax]
+        "nested_weight_grad": ((tokens, nested), (tokens, other)),  # dy [M, Nmax], x [M, K]
+        "nested_weight_grad_k": ((tokens, other), (tokens, nested)),  # dy [M, N], x [M, Kmax]
+    }[op]
+
+
 def nested_linear_n(x: Tensor, weight: Tensor, offsets: Tensor, widths: Sequence[int] | Tensor) -> Tensor:
     out = x.new_zeros(x.shape[0], weight.shape[0])
     bounds = _bounds(offsets)

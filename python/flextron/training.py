@@ -694,7 +694,10 @@ class Trainer:
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{directory / STATE_FILE} is missing or corrupt: {e!r}") from None
         if type(step) is not int or not isinstance(losses, list):
-            raise CheckpointError(f"{directory / STATE_FILE}: step must be an integer, got {step!r}")
+            raise CheckpointError(
+                f"{directory / STATE_FILE}: step must be an integer and losses a list, got {step!r}, "
+                f"{type(losses).__name__}"
+            )
         if saved is None or (self.world > 1 and self.config.parallel == "fsdp"):
             raise CheckpointError(
                 "resuming an FSDP run is not supported yet (its optimizer state is not saved)"
