@@ -324,6 +324,7 @@ def test_pickled_code_in_a_model_is_one_line(tmp_path, capsys):
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
     )
     config.save_pretrained(tmp_path / "evil")
+    transformers.AutoTokenizer.from_pretrained(data.embedded_model_dir()).save_pretrained(tmp_path / "evil")
     with open(tmp_path / "evil" / "pytorch_model.bin", "wb") as f:
         pickle.dump(_Payload(tmp_path / "ran"), f)
     assert cli.main(["convert", "--model", str(tmp_path / "evil"), "--out", str(tmp_path / "out")]) == 2

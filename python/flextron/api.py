@@ -44,13 +44,11 @@ def _texts(source: TextSource, default_split: str) -> list[_data.Text]:
 
 
 def _load(checkpoint: str | Path, device: str, dtype: DtypeName | torch.dtype):
-    from transformers import AutoTokenizer
-
-    from flextron.checkpoint import load_elastic
+    from flextron.checkpoint import load_elastic, load_tokenizer
 
     resolved = resolve_device(device)
     model, record = load_elastic(checkpoint, device=resolved, dtype=resolve_dtype(dtype, resolved))
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    tokenizer = load_tokenizer(checkpoint)
     return model, record, tokenizer
 
 

@@ -84,6 +84,24 @@ def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Te
         raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
 
 
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in a model or checkpoint directory; a missing or unreadable one is
+    a CheckpointError naming the directory and the file."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # JSONDecodeError, tokenizers' own Exception, ValueError, OSError
+        reason = (str(e).splitlines() or [type(e).__name__])[0].strip()
+        if (directory / "tokenizer.json").is_file():
+            raise CheckpointError(f"{directory / 'tokenizer.json'} is corrupt or unreadable: {reason}") from None
+        raise CheckpointError(
+            f"{directory} holds no tokenizer flextron can load (a tokenizer.json is needed; "
+            "sentencepiece- or tiktoken-only tokenizers are not supported)"
+        ) from None
+
+
 def model_tensors(model: ElasticLM) -> dict[str, torch.Tensor]:
     """The model's weights; a tied output head is stored once (as the embedding)."""
     tensors = dict(model.state_dict())

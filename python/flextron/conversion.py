@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flextron.checkpoint import atomic_write_json, save_elastic
+from flextron.checkpoint import atomic_write_json, load_tokenizer, save_elastic
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
 from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss
@@ -45,15 +45,27 @@ class UnsupportedModelError(ValueError):
 # Loading
 
 
-def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a local Hugging Face directory (config.json + weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_hf_config(model_dir: str | Path):
+    """A local Hugging Face model's config, checked to be one flextron converts."""
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_supported(hf_config)
+    return hf_config
+
+
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
+    """A local Hugging Face causal LM (safetensors, or a pytorch_model.bin holding only tensors)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    read_hf_config(model_dir)
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickled object
@@ -61,8 +73,17 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32):
             f"{model_dir}: its pytorch_model.bin holds pickled code, which is never loaded; "
             "convert a safetensors checkpoint instead"
         ) from None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return model.eval(), tokenizer
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    return model.eval()
+
+
+def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
+    """``(model, tokenizer)`` from a local Hugging Face directory (config.json + weights)."""
+    read_hf_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return load_hf_model(model_dir, dtype, progress), tokenizer
 
 
 def check_supported(hf_config) -> None:
@@ -411,10 +432,9 @@ def convert(
     out = Path(out)
     check_not_source(out, Path(model_dir))
     check_free(out, overwrite)
-    hf_model, tokenizer = load_hf(model_dir)
-    config = elastic_config_from_hf(hf_model.config, options.mlp_widths, options.head_choices)
-    model = from_hf(hf_model, config).to(options.device)
-    del hf_model
+    # The cheap checks first: a bad tokenizer or too little text is refused before the weights load.
+    config = elastic_config_from_hf(read_hf_config(model_dir), options.mlp_widths, options.head_choices)
+    tokenizer = load_tokenizer(model_dir)
     batches = list(
         token_windows(
             tokenizer,
@@ -423,8 +443,10 @@ def convert(
             options.max_tokens,
             options.batch_size,
             config.eos_token_id,
+            flag="--calib",
         )
     )
+    model = from_hf(load_hf_model(model_dir, progress=options.progress), config).to(options.device)
     dtype = resolve_dtype(options.dtype, options.device)
     device_type = torch.device(options.device).type
     with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):

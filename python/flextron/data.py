@@ -135,20 +135,33 @@ def read_texts(path: str | Path) -> list[Text]:
     """Text from a file, or every ``.txt`` file under a directory (sorted)."""
     path = Path(path)
     if path.is_file():
-        return [read_text_file(path)]
-    if path.is_dir():
+        texts = [read_text_file(path)]
+    elif path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise MissingDataError(f"{path} holds no .txt files")
-        return [read_text_file(f) for f in files]
-    raise MissingDataError(f"{path} does not exist")
+        texts = [read_text_file(f) for f in files]
+    elif path.exists():
+        raise ValueError(f"{path} is neither a text file nor a directory of .txt files")
+    else:
+        raise MissingDataError(f"{path} does not exist")
+    if not any(text.content.strip() for text in texts):
+        raise ValueError(f"{path} holds no text (only empty files)")
+    return texts
 
 
 def token_windows(
-    tokenizer, texts: Sequence[Text], seq_len: int, max_tokens: int, batch_size: int, eos_token_id: int | None
+    tokenizer,
+    texts: Sequence[Text],
+    seq_len: int,
+    max_tokens: int,
+    batch_size: int,
+    eos_token_id: int | None,
+    flag: str = "--data",
 ) -> Iterator[torch.Tensor]:
     """Token windows ``[batch, seq_len]`` cut from the concatenated texts (an end-of-text
-    token between texts), up to ``max_tokens`` tokens."""
+    token between texts), up to ``max_tokens`` tokens. ``flag`` names the option the texts
+    came from in the error raised when they are too short."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text.content, add_special_tokens=False)["input_ids"])
@@ -158,6 +171,8 @@ def token_windows(
             break
     windows = min(len(ids), max_tokens) // seq_len
     if windows == 0:
-        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        if len(ids) >= max_tokens:
+            raise ValueError(f"one window of --seq-len {seq_len} is more than the {max_tokens} tokens to read")
+        raise ValueError(f"the {flag} text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
     tokens = torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)
     yield from tokens.split(batch_size)

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from flextron import data
 from flextron.budgets import BudgetResolver
-from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic
+from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic, load_tokenizer
 from flextron.conversion import ConvertOptions, convert
 from flextron.evaluation import mean_loss
 from flextron.latency import median_ms
@@ -122,7 +121,7 @@ def run(options: DemoOptions) -> list[BudgetRow]:
         start, device=options.device, dtype=resolve_dtype(options.dtype, options.device)
     )
     resolve = BudgetResolver.for_checkpoint(model, record, start, method="router")
-    tokenizer = AutoTokenizer.from_pretrained(start, local_files_only=True)
+    tokenizer = load_tokenizer(start)
     batches = list(
         data.token_windows(
             tokenizer,

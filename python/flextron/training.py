@@ -49,6 +49,7 @@ from flextron.checkpoint import (
     latest_checkpoint,
     load_elastic,
     load_optimizer,
+    load_tokenizer,
     optimizer_tensors,
     read_tensors,
     save_elastic,
@@ -384,9 +385,7 @@ class Trainer:
         self.model, self.record = load_elastic(resume_from or source, device=self.device)
         if resume_from is not None:
             check_resumable(self.record.get("training", {}).get("config", {}), config, self.out_dir)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(resume_from or source, local_files_only=True)
+        self.tokenizer = load_tokenizer(resume_from or source)
         eos = self.model.config.eos_token_id
         windows = list(
             token_windows(self.tokenizer, texts, config.seq_len, config.train_tokens, 1 << 30, eos)
@@ -396,7 +395,13 @@ class Trainer:
         self.eval_batches = (
             list(
                 token_windows(
-                    self.tokenizer, eval_texts, config.seq_len, config.eval_tokens, config.batch_size, eos
+                    self.tokenizer,
+                    eval_texts,
+                    config.seq_len,
+                    config.eval_tokens,
+                    config.batch_size,
+                    eos,
+                    flag="--eval-data",
                 )
             )
             if eval_texts
