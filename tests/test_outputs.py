@@ -88,6 +88,10 @@ def test_resume_refuses_changed_settings_and_truncates_the_log(elastic, texts, t
     changed = TrainConfig(stage="elastic", steps=3, save_every=1, **{**SMALL, "batch_size": 3, "seq_len": 16})
     with pytest.raises(CheckpointError, match=r"batch_size: 2 -> 3, seq_len: 32 -> 16"):
         train(changed, "unused", texts[0], out, texts[1], resume=True, progress=False)
+    other_text = [data.Text("other", texts[0][0].content[5000:])]
+    same_settings = TrainConfig(stage="elastic", steps=3, save_every=1, keep_last=2, **SMALL)
+    with pytest.raises(CheckpointError, match=r"started on other training text \(--data\)"):
+        train(same_settings, "unused", other_text, out, texts[1], resume=True, progress=False)
     more_steps = TrainConfig(stage="elastic", steps=3, save_every=1, keep_last=2, **SMALL)  # may change
     train(more_steps, "unused", texts[0], out, texts[1], resume=True, progress=False)
     assert logged_steps(out) == [1, 2, 3]
@@ -298,6 +302,46 @@ def test_a_damaged_training_state_is_named(elastic, texts, tmp_path, damage):
         expected = "trainer.json is missing or corrupt"
     with pytest.raises(CheckpointError, match=expected):
         run(elastic, texts, out, steps=2, resume=True)
+
+
+def test_an_optimizer_state_of_the_wrong_shape_is_named(elastic, texts, tmp_path):
+    """It used to load and fail at the first step with a shape error from AdamW."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    run(elastic, texts, out, steps=1)
+    path = out / "checkpoint-000001" / "optimizer.safetensors"
+    tensors = load_file(path)
+    name = next(k for k, v in tensors.items() if v.dim() == 2)
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=rf"optimizer.safetensors does not fit this model: {name} has shape"):
+        run(elastic, texts, out, steps=2, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["uniform_losses"][0].update(bogus=1), r"uniform_losses\[0\] must have the keys"),
+        (lambda r: r["uniform_losses"][0].pop("loss"), r"uniform_losses\[0\] must have the keys"),
+        (lambda r: r["uniform_losses"][0].update(mlp="0"), "an MLP choice below"),
+        (lambda r: r["uniform_losses"][0].update(mlp=7), "an MLP choice below"),
+        (lambda r: r["uniform_losses"][0].update(loss=float("nan")), "a finite loss"),
+        (lambda r: r.update(routers={"kind": "static", "budgets": [0.5, 1.0], "hidden": -1}), "positive integer hidden"),
+        (lambda r: r.update(routers={"kind": "magic", "budgets": [1.0], "hidden": 8}), "of kind 'static' or 'token'"),
+        (lambda r: r.update(routers={"kind": "token", "budgets": [1.0]}), "must have the keys kind, budgets, hidden"),
+    ],
+)  # fmt: skip
+def test_metadata_beside_the_config_is_checked(elastic, tmp_path, edit, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(elastic, copy)
+    record = json.loads((copy / "flextron.json").read_text())
+    edit(record)
+    (copy / "flextron.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=f"flextron.json: .*{message}"):
+        load_elastic(copy)
 
 
 def test_weights_of_another_dtype_are_refused(elastic, tmp_path):

@@ -92,10 +92,8 @@ def load_router(
     path = Path(directory) / ROUTERS
     if not path.is_file():
         raise CheckpointError(f"{directory} describes routers but has no {ROUTERS}")
-    kinds = {"static": StaticRouter, "token": TokenRouter}
-    if meta.get("kind") not in kinds:
-        raise CheckpointError(f"{directory}: unknown router kind {meta.get('kind')!r}")
-    router = kinds[meta["kind"]](config, meta["budgets"], meta["hidden"])
+    kind = StaticRouter if meta["kind"] == "static" else TokenRouter  # checked by load_elastic
+    router = kind(config, meta["budgets"], meta["hidden"])
     try:
         load_router_state(router, read_tensors(path, device))
     except RuntimeError as e:

@@ -12,6 +12,7 @@ renamed over the target), so a process killed mid-write leaves the previous file
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -95,7 +96,9 @@ def load_tokenizer(directory: str | Path):
     except Exception as e:  # JSONDecodeError, tokenizers' own Exception, ValueError, OSError
         reason = (str(e).splitlines() or [type(e).__name__])[0].strip()
         if (directory / "tokenizer.json").is_file():
-            raise CheckpointError(f"{directory / 'tokenizer.json'} is corrupt or unreadable: {reason}") from None
+            raise CheckpointError(
+                f"{directory / 'tokenizer.json'} is corrupt or unreadable: {reason}"
+            ) from None
         raise CheckpointError(
             f"{directory} holds no tokenizer flextron can load (a tokenizer.json is needed; "
             "sentencepiece- or tiktoken-only tokenizers are not supported)"
@@ -158,6 +161,51 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return record
 
 
+def check_metadata(record: dict[str, Any], config: ElasticConfig, path: Path) -> None:
+    """What ``flextron.json`` holds beside the config, checked against it: the uniform
+    sub-network losses and the description of the routers."""
+    losses = record.get("uniform_losses", [])
+    if not isinstance(losses, list):
+        raise CheckpointError(f"{path}: uniform_losses must be a list, got {type(losses).__name__}")
+    for i, entry in enumerate(losses):
+        if not isinstance(entry, dict) or sorted(entry) != ["attention", "loss", "mlp"]:
+            raise CheckpointError(
+                f"{path}: uniform_losses[{i}] must have the keys mlp, attention, loss; got {entry!r}"
+            )
+        if not (
+            _is_index(entry["mlp"], len(config.mlp_widths))
+            and _is_index(entry["attention"], len(config.head_choices))
+            and isinstance(entry["loss"], float | int)
+            and math.isfinite(entry["loss"])
+        ):
+            raise CheckpointError(
+                f"{path}: uniform_losses[{i}] must hold an MLP choice below {len(config.mlp_widths)}, "
+                f"an attention choice below {len(config.head_choices)} and a finite loss; got {entry!r}"
+            )
+    routers = record.get("routers")
+    if routers is None:
+        return
+    if not isinstance(routers, dict) or sorted(routers) != ["budgets", "hidden", "kind"]:
+        raise CheckpointError(f"{path}: routers must have the keys kind, budgets, hidden; got {routers!r}")
+    budgets = routers["budgets"]
+    if (
+        routers["kind"] not in ("static", "token")
+        or not isinstance(budgets, list)
+        or not budgets
+        or not all(isinstance(b, float | int) and 0 < b <= 1 for b in budgets)
+        or type(routers["hidden"]) is not int
+        or routers["hidden"] <= 0
+    ):
+        raise CheckpointError(
+            f"{path}: routers must be of kind 'static' or 'token', with budgets in (0, 1] and a "
+            f"positive integer hidden size; got {routers!r}"
+        )
+
+
+def _is_index(value: Any, count: int) -> bool:
+    return type(value) is int and 0 <= value < count
+
+
 def stored_losses(record: dict[str, Any]) -> list[UniformLoss]:
     """The uniform sub-network losses saved in a checkpoint's metadata (empty if none)."""
     return [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]
@@ -173,6 +221,7 @@ def load_elastic(
         config = ElasticConfig.from_dict(record["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / METADATA} has an invalid config: {e}") from None
+    check_metadata(record, config, directory / METADATA)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} is incomplete: {WEIGHTS} is missing")
@@ -218,9 +267,18 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tenso
 def load_optimizer(
     optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]
 ) -> None:
+    """Restore what :func:`optimizer_tensors` saved; a tensor whose shape is neither a scalar's
+    nor its parameter's is a ValueError (torch would only fail at the next step)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
+        if not 0 <= int(index) < len(params):
+            raise ValueError(f"{name}: the optimizer has {len(params)} parameters")
+        if value.dim() > 0 and value.shape != params[int(index)].shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}, its parameter {tuple(params[int(index)].shape)}"
+            )
         state.setdefault(int(index), {})[key] = value
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)

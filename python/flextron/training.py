@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -343,6 +344,15 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, out_dir: Path) -
         )
 
 
+def check_same_data(saved: dict[str, Any], fingerprint: str, out_dir: Path) -> None:
+    """A resumed run must read the same training tokens (``fingerprint`` hashes its windows)."""
+    if saved.get("data", fingerprint) != fingerprint:
+        raise CheckpointError(
+            f"--resume: the run in {out_dir} was started on other training text (--data); "
+            "resume with the same --data, or start a new run"
+        )
+
+
 def truncate_log(log: Path, step: int) -> None:
     """Drop the log lines of steps after ``step`` (a killed run logged steps it did not save)."""
     if not log.is_file():
@@ -391,6 +401,9 @@ class Trainer:
             token_windows(self.tokenizer, texts, config.seq_len, config.train_tokens, 1 << 30, eos)
         )
         self.windows = Windows(windows[0], config.seed)
+        self.data_fingerprint = hashlib.sha256(windows[0].numpy().tobytes()).hexdigest()[:16]
+        if resume_from is not None:
+            check_same_data(self.record.get("training", {}), self.data_fingerprint, self.out_dir)
         self.probe = windows[0][: max(config.batch_size, 4)]  # the router stage's fixed batch
         self.eval_batches = (
             list(
@@ -658,7 +671,12 @@ class Trainer:
         if partial.exists():
             shutil.rmtree(partial)
         metadata = {k: v for k, v in self.record.items() if k not in ("format", "version", "config")}
-        metadata["training"] = {"stage": self.config.stage, "step": step + 1, "config": asdict(self.config)}
+        metadata["training"] = {
+            "stage": self.config.stage,
+            "step": step + 1,
+            "config": asdict(self.config),
+            "data": self.data_fingerprint,
+        }
         if self.router is not None:
             metadata["routers"] = self._router_signature()
         save_elastic(self.model, partial, metadata, self.tokenizer, tensors=model_state)
@@ -719,19 +737,23 @@ class Trainer:
         self.result.losses = list(losses)
         self.result.evaluations = list(state.get("evaluations", []))
         if self.surrogate is not None and "surrogate" in state:
-            tensors = read_tensors(directory / "surrogate.safetensors")
-            self.surrogate.surrogate.load_state_dict(
-                {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
-            )
-            load_optimizer(
-                self.surrogate.optimizer,
-                {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")},
-                state["surrogate"]["optimizer"],
-            )
-            if "samples.features" in tensors:
-                pairs = zip(tensors["samples.features"], tensors["samples.losses"].tolist(), strict=True)
-                self.surrogate.samples.extend((f, loss) for f, loss in pairs)
-            self.surrogate.error = state["surrogate"]["error"]
+            path = directory / "surrogate.safetensors"
+            tensors = read_tensors(path)
+            try:
+                self.surrogate.surrogate.load_state_dict(
+                    {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+                )
+                load_optimizer(
+                    self.surrogate.optimizer,
+                    {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")},
+                    state["surrogate"]["optimizer"],
+                )
+                if "samples.features" in tensors:
+                    pairs = zip(tensors["samples.features"], tensors["samples.losses"].tolist(), strict=True)
+                    self.surrogate.samples.extend((f, loss) for f, loss in pairs)
+                self.surrogate.error = float(state["surrogate"]["error"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
 
     # -- the loop -------------------------------------------------------------------
 
