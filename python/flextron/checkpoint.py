@@ -49,6 +49,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         user_permissions(Path(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -71,6 +74,10 @@ def atomic_save_tensors(
             os.fsync(f.fileno())
         user_permissions(Path(tmp))
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk: safetensors reports it as SafetensorError
+        Path(tmp).unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OSError(f"could not write {path}: {reason}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

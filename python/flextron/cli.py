@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -402,6 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and what was given: one line, no traceback.
         print(f"flextron {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"flextron {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"flextron {args.command}: internal error (a bug in flextron, not in your input): "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

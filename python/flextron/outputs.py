@@ -5,7 +5,8 @@ unless the user says ``overwrite``; the source of a command is never its destina
 directory output (convert, export) appears whole, written to a temporary sibling and renamed
 into place, so a killed run leaves the old output or the new one, never a mix; and a
 directory being written is locked by one process (an advisory ``flock``, released by the
-kernel when the process dies, so a stale lock is taken over by itself).
+kernel when the process dies, so a stale lock is taken over by itself; the lock file is
+removed on release).
 """
 
 from __future__ import annotations
@@ -64,21 +65,31 @@ class DirectoryLock:
 
     def __enter__(self) -> DirectoryLock:
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise OutputError(f"{self.what} is being written by another process (PID {holder})") from None
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(f"{self.what} is being written by another process (PID {holder})") from None
+            if self._is_current(fd):
+                break
+            os.close(fd)  # locked a file its holder removed on release: open the path again
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            self.lock_file.unlink(missing_ok=True)  # while still held: no lock files left behind
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -110,6 +121,9 @@ def staged_directory(out: str | Path, overwrite: bool, flag: str = "--out") -> I
                 shutil.rmtree(old)
             else:
                 staging.rename(out)
+        except OSError as e:  # e.g. a full disk: say that the old output is intact
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OSError(f"{flag} {out} was not written (what it held is unchanged): {e}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

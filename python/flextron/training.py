@@ -663,6 +663,8 @@ class Trainer:
         return None
 
     def save(self, step: int) -> Path | None:
+        """Write ``checkpoint-<step+1>`` as a ``.partial`` directory, rename it into place,
+        point ``latest`` at it and prune the oldest beyond ``keep_last``."""
         model_state = self._full_model_state()  # a collective: every rank takes part
         if self.rank != 0:
             return None
@@ -670,6 +672,20 @@ class Trainer:
         final, partial = self.out_dir / name, self.out_dir / f"{name}.partial"
         if partial.exists():
             shutil.rmtree(partial)
+        try:
+            self._write_checkpoint(partial, step, model_state)
+        except OSError as e:  # e.g. a full disk
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(f"{name} was not saved (the run's earlier checkpoints are intact): {e}") from None
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        atomic_write_bytes(self.out_dir / "latest", (name + "\n").encode())
+        for old in run_checkpoints(self.out_dir)[: -self.config.keep_last]:
+            shutil.rmtree(old)
+        return final
+
+    def _write_checkpoint(self, partial: Path, step: int, model_state: dict[str, Tensor] | None) -> None:
         metadata = {k: v for k, v in self.record.items() if k not in ("format", "version", "config")}
         metadata["training"] = {
             "stage": self.config.stage,
@@ -702,20 +718,15 @@ class Trainer:
             atomic_save_tensors(partial / "surrogate.safetensors", surrogate_tensors)
             state["surrogate"] = {"error": self.surrogate.error, "optimizer": opt_meta}
         atomic_write_json(partial / STATE_FILE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        atomic_write_bytes(self.out_dir / "latest", (name + "\n").encode())
-        for old in run_checkpoints(self.out_dir)[: -self.config.keep_last]:
-            shutil.rmtree(old)
-        return final
 
     def _load_training_state(self, directory: Path) -> None:
         try:
             state = json.loads((directory / STATE_FILE).read_text())
             saved, step, losses = state["optimizer"], state["step"], state["losses"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{directory / STATE_FILE} is missing or corrupt: {e!r}") from None
+        except KeyError as e:
+            raise CheckpointError(f"{directory / STATE_FILE} is incomplete: it has no {e}") from None
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{directory / STATE_FILE} is missing or corrupt: {e}") from None
         if type(step) is not int or not isinstance(losses, list):
             raise CheckpointError(
                 f"{directory / STATE_FILE}: step must be an integer and losses a list, got {step!r}, "
@@ -725,10 +736,9 @@ class Trainer:
             raise CheckpointError(
                 "resuming an FSDP run is not supported yet (its optimizer state is not saved)"
             )
+        tensors = read_tensors(directory / "optimizer.safetensors", self.device)
         try:
-            load_optimizer(
-                self.optimizer, read_tensors(directory / "optimizer.safetensors", self.device), saved
-            )
+            load_optimizer(self.optimizer, tensors, saved)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"{directory / 'optimizer.safetensors'} does not fit this model: {e}"
