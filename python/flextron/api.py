@@ -23,7 +23,7 @@ import torch
 
 from flextron import data as _data
 from flextron.budgets import BudgetResolver, BudgetRouting, RoutingMethod
-from flextron.outputs import check_free, check_not_source
+from flextron.outputs import check_files_free, check_free, check_not_source
 from flextron.runtime import DtypeName, resolve_device, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,15 +162,17 @@ def lut(
     device: str = "cpu",
     dtype: DtypeName = "auto",
     seed: int = 0,
+    overwrite: bool = False,
     progress: bool = True,
 ):
     """Measure the latency lookup table (per layer kind x width choice, plus the fixed part)
-    of a checkpoint's model on this device and save it as JSON to ``out``. Returns the
-    :class:`flextron.latency.LatencyTable`."""
+    of a checkpoint's model on this device and save it as JSON to ``out`` (an existing file
+    only with ``overwrite``). Returns the :class:`flextron.latency.LatencyTable`."""
     from flextron.latency import measure
 
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    check_files_free([Path(out)], overwrite)
     model, _, _ = _load(checkpoint, device, dtype)
     torch.manual_seed(seed)  # the timed inputs are random
     table = measure(model, batch_size, seq_len, phase, progress=progress)
@@ -190,17 +192,20 @@ def evaluate(
     out: str | Path | None = None,
     device: str = "cpu",
     dtype: DtypeName = "auto",
+    overwrite: bool = False,
     progress: bool = True,
 ):
     """Perplexity at each budget on held-out text (default: the held-out Shakespeare plays),
     with the checkpoint's trained routers when it has them (``routing="auto"``), else its
     uniform sub-network table (see :mod:`flextron.budgets`). With ``out``, also writes
-    ``perplexity.json`` and ``perplexity.png`` there. Returns a list of
-    :class:`flextron.evaluation.BudgetResult`."""
-    from flextron.evaluation import evaluate_budgets, write_results
+    ``perplexity.json`` and ``perplexity.png`` there (replacing earlier ones only with
+    ``overwrite``). Returns a list of :class:`flextron.evaluation.BudgetResult`."""
+    from flextron.evaluation import RESULT_FILES, evaluate_budgets, write_results
 
     if not budgets:
         raise ValueError("budgets needs at least one budget")
+    if out is not None:
+        check_files_free([Path(out) / name for name in RESULT_FILES], overwrite)
     model, record, tokenizer = _load(checkpoint, device, dtype)
     resolver = BudgetResolver.for_checkpoint(model, record, checkpoint, routing)
     results = evaluate_budgets(
@@ -256,7 +261,7 @@ def export(
     elif mlp_choice is not None and attention_choice is not None:
         mlp, attention = mlp_choice, attention_choice
     else:
-        raise ValueError("give a budget, or both an MLP choice and an attention choice")
+        raise ValueError("give --budget, or both --mlp-choice and --attention-choice")
     if "source" not in record:
         raise ValueError(f"{checkpoint} does not record its source model's config, which export needs")
     return export_hf(model, record["source"]["config"], out, mlp, attention, tokenizer, overwrite=overwrite)
@@ -313,11 +318,13 @@ def bench(
     quick: bool = False,
     out: str | Path | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ):
     """Run benchmark suites (``"kernels"``, ``"attention"``, ``"model"``) on this device (the
     GPU when there is one), print their tables and a summary of ratios against the
     baselines measured in the same run, and write JSON + plots to ``out`` (default:
-    ``runs/bench-<date>-<device>``). Returns a :class:`flextron.benchmarks.BenchReport`."""
+    ``runs/bench-<date>-<device>``; it must be empty unless ``overwrite``). Returns a
+    :class:`flextron.benchmarks.BenchReport`."""
     from flextron.benchmarks import BenchOptions
     from flextron.benchmarks import run as run_suites
     from flextron.benchmarks.common import default_out_dir
@@ -332,6 +339,7 @@ def bench(
         quick=quick,
         out=Path(out) if out is not None else default_out_dir(resolved.type),
     )
+    check_free(options.out, overwrite)
     return run_suites(tuple(suites), options)
 
 

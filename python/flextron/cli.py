@@ -144,6 +144,7 @@ def cmd_lut(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        overwrite=args.overwrite,
         progress=_progress(args),
     )
     print(f"{table.phase} latency on {table.device_name}, batch {table.batch_size} x {table.seq_len}:")
@@ -169,6 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out=out,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
         progress=_progress(args),
     )
     print(format_table(results))
@@ -213,7 +215,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     suites = SUITES if args.suite == "all" else (args.suite,)
     report = api.bench(
-        suites, device=args.device, dtype=args.dtype, quick=args.quick, out=args.out, seed=args.seed
+        suites,
+        device=args.device,
+        dtype=args.dtype,
+        quick=args.quick,
+        out=args.out,
+        seed=args.seed,
+        overwrite=args.overwrite,
     )
     print("wrote " + ", ".join(str(p) for p in [*report.results, *report.plots]))
 
@@ -333,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefill: tokens; decode: cached tokens (default: 256)",
     )
     p.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    _overwrite(p)
     _common(p)
     p.set_defaults(run=cmd_lut)
 
@@ -349,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default: 8)")
     p.add_argument("--out", help="where perplexity.json/.png go (default: CHECKPOINT/eval)")
+    _overwrite(p)
     _common(p, seeded=False)
     p.set_defaults(run=cmd_eval)
 
@@ -382,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
     p.add_argument("--out", help="where the JSON and plots go (default: runs/bench-<date>-<device>)")
+    _overwrite(p)
     _common(p, device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
     p.set_defaults(run=cmd_bench)
 

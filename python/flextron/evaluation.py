@@ -109,6 +109,9 @@ def format_table(results: Sequence[BudgetResult]) -> str:
     return "\n".join(lines)
 
 
+RESULT_FILES = ("perplexity.json", "perplexity.png")
+
+
 def write_results(results: Sequence[BudgetResult], out_dir: str | Path, title: str) -> tuple[Path, Path]:
     """``perplexity.json`` and ``perplexity.png`` (perplexity vs active parameters)."""
     import matplotlib
@@ -118,7 +121,7 @@ def write_results(results: Sequence[BudgetResult], out_dir: str | Path, title: s
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "perplexity.json"
+    json_path, png_path = (out_dir / name for name in RESULT_FILES)
     atomic_write_bytes(json_path, (json.dumps([asdict(r) for r in results], indent=1) + "\n").encode())
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r.parameters / 1e6 for r in results]
@@ -131,7 +134,6 @@ def write_results(results: Sequence[BudgetResult], out_dir: str | Path, title: s
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    png_path = out_dir / "perplexity.png"
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path

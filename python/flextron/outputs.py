@@ -15,7 +15,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -54,6 +54,13 @@ def check_free(out: Path, overwrite: bool, flag: str = "--out") -> None:
         raise OutputError(f"{flag} {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{flag} {out} already exists and is not empty: pass --overwrite to replace it")
+
+
+def check_files_free(paths: Sequence[Path], overwrite: bool, flag: str = "--out") -> None:
+    """Refuse to replace existing result files unless ``overwrite``."""
+    for path in paths:
+        if Path(path).exists() and not overwrite:
+            raise OutputError(f"{flag}: {path} already exists: pass --overwrite to replace it")
 
 
 class DirectoryLock:
