@@ -125,7 +125,7 @@ def test_budget_errors(tiny_model_dir, text_file, tmp_path, capsys):
         code, _, err = run(capsys, "eval", "--checkpoint", str(checkpoint), "--device", "cuda")
         assert code == 2 and "device cuda was asked for, but no CUDA GPU is available" in err
     code, _, err = run(capsys, "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"))
-    assert code == 2 and "give a budget, or both an MLP choice and an attention choice" in err
+    assert code == 2 and "give --budget, or both --mlp-choice and --attention-choice" in err
 
 
 def test_help_lists_the_commands():

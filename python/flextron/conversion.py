@@ -547,13 +547,13 @@ def hf_submodel(
     )
     if len(mlp_choices) != layers or len(attention_choices) != layers:
         raise ValueError(f"need one choice per layer ({layers})")
-    for name, choices, count in (
-        ("MLP choice", mlp_choices, len(config.mlp_widths)),
-        ("attention choice", attention_choices, len(config.head_choices)),
+    for flag, choices, count, what in (
+        ("--mlp-choice", mlp_choices, len(config.mlp_widths), "MLP widths"),
+        ("--attention-choice", attention_choices, len(config.head_choices), "head counts"),
     ):
         bad = [c for c in choices if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < count]
         if bad:
-            raise ValueError(f"{name} must be an index in [0, {count}), got {bad[0]!r}")
+            raise ValueError(f"{flag} must be an index in [0, {count}) (one of the {count} {what}), got {bad[0]!r}")
     if len(set(mlp_choices)) > 1 or len(set(attention_choices)) > 1:
         raise ValueError(
             "per-layer widths differ, but transformers' Llama/GPT-2 configs hold one intermediate_size and "
