@@ -167,6 +167,33 @@ def test_a_killed_write_leaves_the_old_output_whole(elastic, tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.partial")] == []
 
 
+def test_a_convert_killed_between_files_leaves_the_old_checkpoint_whole(
+    elastic, tiny_model_dir, texts, tmp_path, monkeypatch
+):
+    import shutil
+
+    out = tmp_path / "elastic"
+    shutil.copytree(elastic, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(path, *args, **kwargs):  # flextron.json is the last file: weights and tokenizer are written
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr("flextron.checkpoint.atomic_write_json", killed)
+    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_choices=(4,))
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_model_dir, texts[0], out, options, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["elastic"]
+
+
+def test_the_demo_refuses_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match=r"holds files the demo did not write \(notes.txt\)"):
+        flextron.demo(tmp_path, quick=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_staged_directory_cleans_up_after_a_killed_process(tmp_path):
     out = tmp_path / "out"
     stale = tmp_path / ".out.partial-999999"  # a killed run's temporary sibling
@@ -315,7 +342,9 @@ def test_an_optimizer_state_of_the_wrong_shape_is_named(elastic, texts, tmp_path
     name = next(k for k, v in tensors.items() if v.dim() == 2)
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, path)
-    with pytest.raises(CheckpointError, match=rf"optimizer.safetensors does not fit this model: {name} has shape"):
+    with pytest.raises(
+        CheckpointError, match=rf"optimizer.safetensors does not fit this model: {name} has shape"
+    ):
         run(elastic, texts, out, steps=2, resume=True)
 
 

@@ -25,6 +25,7 @@ from flextron.conversion import ConvertOptions, convert
 from flextron.evaluation import mean_loss
 from flextron.latency import median_ms
 from flextron.model import Routing
+from flextron.outputs import OutputError
 from flextron.runtime import DtypeName, resolve_dtype
 from flextron.training import TrainConfig, train
 
@@ -65,8 +66,21 @@ class BudgetRow:
     perplexity: float
 
 
+DEMO_FILES = frozenset({"converted", "elastic", "routers", "results.json", "pareto.png"})
+
+
+def _demo_file(name: str) -> bool:
+    """A file of a demo run, or a leftover of a killed one (``.converted.partial-PID``)."""
+    return name in DEMO_FILES or name.startswith(".converted.")
+
+
 def run(options: DemoOptions) -> list[BudgetRow]:
     out = options.out
+    foreign = sorted(p.name for p in out.iterdir() if not _demo_file(p.name)) if out.is_dir() else []
+    if foreign:  # rerunning resumes the demo's own run; anything else there is the user's
+        raise OutputError(
+            f"--out {out} holds files the demo did not write ({', '.join(foreign[:3])}): choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     train_texts, eval_texts = data.shakespeare("train"), data.shakespeare("eval")
     say = print if options.progress else (lambda *a, **k: None)
