@@ -429,7 +429,7 @@ for suite_cap in kernels:150 attention:90 model:45; do
   elif [ -n "$ext_error" ]; then
     record "suite-$suite" skipped 0 - "$ext_error"
   elif stage_begin "suite-$suite" "${suite_cap##*:}" "logs/bench-$suite.log" 30; then
-    timeout -k 10 "$limit" "$py" -m flextron.cli bench --suite "$suite" --device cuda --out "$work/suites" \
+    timeout -k 10 "$limit" "$py" -m flextron.cli bench --suite "$suite" --device cuda --out "$work/suites/$suite" \
       >>"$stage_file" 2>&1
     stage_end $? "" optional
   fi
