@@ -14,8 +14,8 @@ namespace flextron {
 
 inline void check_dtype_float(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              name, " must be float64, float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, name,
+              " must be float64, float32, float16 or bfloat16, got ", dt);
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
@@ -36,7 +36,8 @@ inline std::vector<int64_t> read_widths(const at::Tensor& widths, int64_t max_wi
                                         const char* max_name) {
   TORCH_CHECK(widths.device().is_cpu(),
               "widths must be a CPU int32 tensor (it is configuration, read on the host), got a "
-              "tensor on ", widths.device());
+              "tensor on ",
+              widths.device());
   check_index_tensor(widths, "widths", at::kInt, 1);
   const int64_t groups = widths.numel();
   TORCH_CHECK(groups >= 1 && groups <= kMaxGroups, "widths must hold between 1 and ", kMaxGroups,
@@ -46,7 +47,8 @@ inline std::vector<int64_t> read_widths(const at::Tensor& widths, int64_t max_wi
   std::vector<int64_t> out(p, p + groups);
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(out[g] > 0, "widths must be positive, got ", at::IntArrayRef(out));
-    TORCH_CHECK(g == 0 || out[g] < out[g - 1], "widths must be strictly decreasing, got ", at::IntArrayRef(out));
+    TORCH_CHECK(g == 0 || out[g] < out[g - 1], "widths must be strictly decreasing, got ",
+                at::IntArrayRef(out));
   }
   TORCH_CHECK(out[0] <= max_width, "widths[0]=", out[0], " exceeds ", max_name, "=", max_width);
   return out;

@@ -51,7 +51,7 @@ C10_HOST_DEVICE inline RowLimits row_limits(const MaskedGemmArgs& p, int64_t row
 
 // The contraction a tile runs: none when no row of the tile keeps a column of it.
 C10_HOST_DEVICE inline int64_t tile_contraction(int64_t col0, int64_t max_depth,
-                                          int64_t max_col_limit) {
+                                                int64_t max_col_limit) {
   return col0 >= max_col_limit ? 0 : max_depth;
 }
 

@@ -33,7 +33,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_dense_rows_limit",
       [](int64_t rows) {
-        if (rows < 0) throw pybind11::value_error("dense_rows_limit must be >= 0, got " + std::to_string(rows));
+        if (rows < 0)
+          throw pybind11::value_error("dense_rows_limit must be >= 0, got " + std::to_string(rows));
         return flextron::dense_rows_limit().exchange(rows);
       },
       pybind11::arg("rows"),

@@ -69,8 +69,7 @@ C10_HOST_DEVICE inline int group_of_row(const int32_t* offsets, int groups, int6
 
 // Offsets must be valid (offsets_valid); an invalid set gives every group an empty problem.
 C10_HOST_DEVICE inline GroupProblem group_problem(NestedGemmKind kind, int g,
-                                                  const int32_t* offsets,
-                                                  const GroupWidths& widths,
+                                                  const int32_t* offsets, const GroupWidths& widths,
                                                   const NestedOperands& ops) {
   GroupProblem p{0, 0, kSkippedK, 0, 0, 0, 0, 0};
   const int32_t start = offsets[g], end = offsets[g + 1];

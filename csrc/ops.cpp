@@ -12,7 +12,9 @@ TORCH_LIBRARY(flextron, m) {
   m.def("unpermute(Tensor y, Tensor perm, Tensor? scale=None) -> Tensor");
   // Rows of group g: y[:, :d_g] = x @ weight[:d_g].T, y[:, d_g:] = 0 (unspecified with
   // zero_tails=False, for consumers that read only each row's width).
-  m.def("nested_linear_n(Tensor x, Tensor weight, Tensor offsets, Tensor widths, bool zero_tails=True) -> Tensor");
+  m.def(
+      "nested_linear_n(Tensor x, Tensor weight, Tensor offsets, Tensor widths, bool "
+      "zero_tails=True) -> Tensor");
   // Rows of group g: y = x[:, :d_g] @ weight[:, :d_g].T.
   m.def("nested_linear_k(Tensor x, Tensor weight, Tensor offsets, Tensor widths) -> Tensor");
   // Staircase weight gradient of nested_linear_n: out[Nmax, K], row band [d_{g+1}, d_g) is
@@ -23,14 +25,22 @@ TORCH_LIBRARY(flextron, m) {
   m.def("nested_weight_grad_k(Tensor grad_out, Tensor x, Tensor offsets, Tensor widths) -> Tensor");
   // Rows of group g: out[:, :d_g] = act(h, gate)[:, :d_g], out[:, d_g:] = 0. activation is
   // "swiglu" (silu(gate) * h, gate required), "gelu" or "gelu_tanh" (gate must be None).
-  m.def("nested_activation(Tensor h, Tensor? gate, Tensor offsets, Tensor widths, str activation) -> Tensor");
+  m.def(
+      "nested_activation(Tensor h, Tensor? gate, Tensor offsets, Tensor widths, str activation) -> "
+      "Tensor");
   // Gradients of nested_activation in h and gate (gate's is empty without a gate).
-  m.def("nested_activation_backward(Tensor grad, Tensor h, Tensor? gate, Tensor offsets, Tensor widths, str activation) -> (Tensor grad_h, Tensor grad_gate)");
+  m.def(
+      "nested_activation_backward(Tensor grad, Tensor h, Tensor? gate, Tensor offsets, Tensor "
+      "widths, str activation) -> (Tensor grad_h, Tensor grad_gate)");
 
   // Debug entry points for the CPU tests of the CUDA index logic (not API; cpu/emulation.cpp):
   // the sm90 backend's group problems [G, 8], the SIMT backend's tile loop emulated in fp64
   // (out, writes per element, reads out of bounds), and CUTLASS's host-side can_implement.
-  m.def("_nested_group_problems(int kind, Tensor a, Tensor b, Tensor offsets, Tensor widths) -> Tensor");
-  m.def("_masked_gemm_emulate(int kind, Tensor a, Tensor b, Tensor offsets, Tensor widths) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_nested_group_problems(int kind, Tensor a, Tensor b, Tensor offsets, Tensor widths) -> "
+      "Tensor");
+  m.def(
+      "_masked_gemm_emulate(int kind, Tensor a, Tensor b, Tensor offsets, Tensor widths) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def("_sm90_can_implement(Tensor problems, ScalarType dtype, int layout) -> bool");
 }

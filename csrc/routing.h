@@ -9,10 +9,10 @@ inline void check_route_plan_inputs(const at::Tensor& choice, int64_t num_groups
   TORCH_CHECK(choice.scalar_type() == at::kInt || choice.scalar_type() == at::kLong,
               "choice must be int32 or int64, got ", choice.scalar_type());
   TORCH_CHECK(choice.dim() == 1, "choice must be 1-D [T], got shape ", choice.sizes());
-  TORCH_CHECK(num_groups >= 1 && num_groups <= kMaxGroups, "num_groups must be in [1, ",
-              kMaxGroups, "], got ", num_groups);
-  TORCH_CHECK(choice.numel() < (int64_t{1} << 31), "route_plan supports fewer than 2^31 tokens, got ",
-              choice.numel());
+  TORCH_CHECK(num_groups >= 1 && num_groups <= kMaxGroups, "num_groups must be in [1, ", kMaxGroups,
+              "], got ", num_groups);
+  TORCH_CHECK(choice.numel() < (int64_t{1} << 31),
+              "route_plan supports fewer than 2^31 tokens, got ", choice.numel());
 }
 
 inline void check_perm(const at::Tensor& perm, const at::Tensor& data, const char* data_name) {
@@ -27,8 +27,10 @@ inline void check_scale(const at::Tensor& scale, const at::Tensor& y) {
   check_same_device(scale, "scale", y, "y");
   TORCH_CHECK(scale.scalar_type() == y.scalar_type(), "scale must have the dtype of y (",
               y.scalar_type(), "), got ", scale.scalar_type());
-  TORCH_CHECK(scale.dim() == 1 && scale.numel() == y.size(0), "scale must be 1-D with one entry "
-              "per token (", y.size(0), "), got shape ", scale.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.numel() == y.size(0),
+              "scale must be 1-D with one entry "
+              "per token (",
+              y.size(0), "), got shape ", scale.sizes());
 }
 
 }  // namespace flextron

@@ -45,7 +45,9 @@ def work(tiny_model_dir, tmp_path_factory) -> Workspace:
     elastic = root / "elastic"
     common = ["--quiet", "--seed", "0"]
     argv = ["convert", "--model", str(tiny_model_dir), "--out", str(elastic), "--calib", str(text)]
-    assert cli.main([*argv, "--seq-len", "32", "--calib-tokens", "256", "--head-widths", "4,2", "--quiet"]) == 0
+    assert (
+        cli.main([*argv, "--seq-len", "32", "--calib-tokens", "256", "--head-widths", "4,2", "--quiet"]) == 0
+    )
     config = root / "small.toml"
     config.write_text(SMALL_RUN + "save_every = 1\n")
     run = root / "run"
@@ -55,7 +57,11 @@ def work(tiny_model_dir, tmp_path_factory) -> Workspace:
 
 
 def train_argv(
-    work: Workspace, out: Path, *extra: str, config: Path | None = None, data: Path | str | None = None,
+    work: Workspace,
+    out: Path,
+    *extra: str,
+    config: Path | None = None,
+    data: Path | str | None = None,
     eval_data: Path | None = None,
 ) -> list[str]:
     return ["train", "--checkpoint", str(work.elastic), "--out", str(out), "--config", str(config or work.config),

@@ -49,7 +49,9 @@ std::tuple<at::Tensor, at::Tensor> nested_activation_backward_cpu(
   for (size_t g = 0; g < problem.widths.size(); ++g) {
     const int64_t start = bounds[g], rows = bounds[g + 1] - bounds[g], d = problem.widths[g];
     if (rows == 0 || d == 0 || cols == 0) continue;
-    const auto slice = [&](const at::Tensor& t) { return t.narrow(0, start, rows).narrow(1, 0, d); };
+    const auto slice = [&](const at::Tensor& t) {
+      return t.narrow(0, start, rows).narrow(1, 0, d);
+    };
     auto dh = slice(grad_h);
     const auto dy = slice(grad);
     if (problem.kind == Activation::kSwiGLU) {

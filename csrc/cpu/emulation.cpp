@@ -39,7 +39,8 @@ at::Tensor nested_group_problems(int64_t kind_index, const at::Tensor& a, const 
   auto* row = out.data_ptr<int64_t>();
   for (int g = 0; g < checked.count; ++g, row += 8) {
     const auto p = group_problem(kind, g, bounds.data_ptr<int32_t>(), checked, operands);
-    const int64_t values[8] = {p.m, p.n, p.k, p.a_offset, p.b_offset, p.d_offset, p.zero_m, p.zero_n};
+    const int64_t values[8] = {p.m,        p.n,        p.k,      p.a_offset,
+                               p.b_offset, p.d_offset, p.zero_m, p.zero_n};
     std::copy(values, values + 8, row);
   }
   return out;
@@ -89,7 +90,8 @@ struct Emulation {
     for (int64_t l0 = 0; l0 < contraction; l0 += kTileDepth) {
       for (int e = 0; e < kTileRows * kTileDepth; ++e) {
         const auto load = tile_load(e, kTileRows, p.a_depth);
-        const int64_t element = a_element(p, row0 + load.index, l0 + load.depth, row_depth[load.index]);
+        const int64_t element =
+            a_element(p, row0 + load.index, l0 + load.depth, row_depth[load.index]);
         a_tile[load.depth * kTileRows + load.index] = read(a, element, a_last);
       }
       for (int e = 0; e < kTileCols * kTileDepth; ++e) {
@@ -112,9 +114,11 @@ struct Emulation {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_gemm_emulate(
-    int64_t kind_index, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
-    const at::Tensor& widths) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_gemm_emulate(int64_t kind_index,
+                                                                   const at::Tensor& a,
+                                                                   const at::Tensor& b,
+                                                                   const at::Tensor& offsets,
+                                                                   const at::Tensor& widths) {
   const auto kind = to_kind(kind_index);
   const auto checked = check_nested_inputs(kind, a, b, offsets, widths);
   const auto bounds = valid_offsets(offsets, checked, a.size(0));
@@ -123,13 +127,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_gemm_emulate(
   auto writes = at::zeros(shape, a.options().dtype(at::kInt));
   const auto tiled = masked_gemm_args(kind, a, b, out);
   // The kernel reads the operands in place, at their strides: keep the strides, in float64.
-  const auto a64 = at::empty_strided(tiled.a.sizes(), tiled.a.strides(), at::kDouble).copy_(tiled.a);
-  const auto b64 = at::empty_strided(tiled.b.sizes(), tiled.b.strides(), at::kDouble).copy_(tiled.b);
-  Emulation emulation{tiled.args, a64.data_ptr<double>(), b64.data_ptr<double>(),
-                      last_element(a64), last_element(b64), bounds.data_ptr<int32_t>(),
-                      checked, out.data_ptr<double>(), writes.data_ptr<int32_t>()};
+  const auto a64 =
+      at::empty_strided(tiled.a.sizes(), tiled.a.strides(), at::kDouble).copy_(tiled.a);
+  const auto b64 =
+      at::empty_strided(tiled.b.sizes(), tiled.b.strides(), at::kDouble).copy_(tiled.b);
+  Emulation emulation{tiled.args,        a64.data_ptr<double>(), b64.data_ptr<double>(),
+                      last_element(a64), last_element(b64),      bounds.data_ptr<int32_t>(),
+                      checked,           out.data_ptr<double>(), writes.data_ptr<int32_t>()};
   for (int64_t row0 = 0; row0 < tiled.args.rows; row0 += kTileRows) {
-    for (int64_t col0 = 0; col0 < tiled.args.cols; col0 += kTileCols) emulation.run_tile(row0, col0);
+    for (int64_t col0 = 0; col0 < tiled.args.cols; col0 += kTileCols)
+      emulation.run_tile(row0, col0);
   }
   return {out, writes, at::scalar_tensor(emulation.bad_reads, at::kLong)};
 }

@@ -93,32 +93,33 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& perm,
                 " twice");
     reached[idx[i]] = true;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "unpermute_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = src.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* s = nullptr;
-    at::Tensor scale_contig;
-    if (scale.has_value()) {
-      scale_contig = scale->contiguous();
-      s = scale_contig.data_ptr<scalar_t>();
-    }
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t token = idx[i];
-        const scalar_t* row_in = in + i * cols;
-        scalar_t* row_out = o + token * cols;
-        if (s == nullptr) {
-          std::memcpy(row_out, row_in, cols * sizeof(scalar_t));
-        } else {
-          const opmath_t factor = static_cast<opmath_t>(s[token]);
-          for (int64_t j = 0; j < cols; ++j) {
-            row_out[j] = static_cast<scalar_t>(static_cast<opmath_t>(row_in[j]) * factor);
-          }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, src.scalar_type(), "unpermute_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const scalar_t* in = src.data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        const scalar_t* s = nullptr;
+        at::Tensor scale_contig;
+        if (scale.has_value()) {
+          scale_contig = scale->contiguous();
+          s = scale_contig.data_ptr<scalar_t>();
         }
-      }
-    });
-  });
+        at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t token = idx[i];
+            const scalar_t* row_in = in + i * cols;
+            scalar_t* row_out = o + token * cols;
+            if (s == nullptr) {
+              std::memcpy(row_out, row_in, cols * sizeof(scalar_t));
+            } else {
+              const opmath_t factor = static_cast<opmath_t>(s[token]);
+              for (int64_t j = 0; j < cols; ++j) {
+                row_out[j] = static_cast<scalar_t>(static_cast<opmath_t>(row_in[j]) * factor);
+              }
+            }
+          }
+        });
+      });
   return out;
 }
 

@@ -21,13 +21,11 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <typename scalar_t, bool kBackward, int kVec>
-__global__ void nested_activation_kernel(const scalar_t* __restrict__ h,
-                                         const scalar_t* __restrict__ gate,
-                                         const scalar_t* __restrict__ grad,
-                                         scalar_t* __restrict__ out, scalar_t* __restrict__ out_gate,
-                                         int64_t rows, int64_t cols, Activation kind,
-                                         const int32_t* __restrict__ offsets_global,
-                                         GroupWidths widths) {
+__global__ void nested_activation_kernel(
+    const scalar_t* __restrict__ h, const scalar_t* __restrict__ gate,
+    const scalar_t* __restrict__ grad, scalar_t* __restrict__ out, scalar_t* __restrict__ out_gate,
+    int64_t rows, int64_t cols, Activation kind, const int32_t* __restrict__ offsets_global,
+    GroupWidths widths) {
   using opmath_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, kVec>;
   __shared__ int32_t offsets[kMaxGroups + 1];
@@ -67,10 +65,10 @@ __global__ void nested_activation_kernel(const scalar_t* __restrict__ h,
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const opmath_t value = c0 + j < width
-              ? activation_forward<opmath_t>(kind, static_cast<opmath_t>(hv.v[j]),
-                                             static_cast<opmath_t>(gv.v[j]))
-              : opmath_t(0);
+          const opmath_t value =
+              c0 + j < width ? activation_forward<opmath_t>(kind, static_cast<opmath_t>(hv.v[j]),
+                                                            static_cast<opmath_t>(gv.v[j]))
+                             : opmath_t(0);
           result.v[j] = static_cast<scalar_t>(value);
         }
       }
@@ -91,34 +89,39 @@ void launch(const at::Tensor& h, const at::Tensor* gate, const at::Tensor* grad,
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto widths = to_group_widths(problem.widths);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "nested_activation_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectors = cols % kVec == 0 && aligned16(&h) && aligned16(gate) && aligned16(grad) &&
-                         aligned16(&out) && aligned16(out_gate);
-    const int64_t lanes = vectors ? cols / kVec : cols;
-    const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, lanes)));
-    const auto args = std::make_tuple(
-        h.data_ptr<scalar_t>(), gate != nullptr ? gate->data_ptr<scalar_t>() : nullptr,
-        grad != nullptr ? grad->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        out_gate != nullptr ? out_gate->data_ptr<scalar_t>() : nullptr, rows, cols, problem.kind,
-        offsets.data_ptr<int32_t>(), widths);
-    std::apply(
-        [&](auto... a) {
-          if (vectors) {
-            nested_activation_kernel<scalar_t, kBackward, kVec><<<blocks, threads, 0, stream>>>(a...);
-          } else {
-            nested_activation_kernel<scalar_t, kBackward, 1><<<blocks, threads, 0, stream>>>(a...);
-          }
-        },
-        args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "nested_activation_cuda", [&] {
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const bool vectors = cols % kVec == 0 && aligned16(&h) && aligned16(gate) &&
+                             aligned16(grad) && aligned16(&out) && aligned16(out_gate);
+        const int64_t lanes = vectors ? cols / kVec : cols;
+        const int threads =
+            static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, lanes)));
+        const auto args = std::make_tuple(
+            h.data_ptr<scalar_t>(), gate != nullptr ? gate->data_ptr<scalar_t>() : nullptr,
+            grad != nullptr ? grad->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+            out_gate != nullptr ? out_gate->data_ptr<scalar_t>() : nullptr, rows, cols,
+            problem.kind, offsets.data_ptr<int32_t>(), widths);
+        std::apply(
+            [&](auto... a) {
+              if (vectors) {
+                nested_activation_kernel<scalar_t, kBackward, kVec>
+                    <<<blocks, threads, 0, stream>>>(a...);
+              } else {
+                nested_activation_kernel<scalar_t, kBackward, 1>
+                    <<<blocks, threads, 0, stream>>>(a...);
+              }
+            },
+            args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 at::Tensor nested_activation_cuda(const at::Tensor& h, const std::optional<at::Tensor>& gate,
                                   const at::Tensor& offsets_in, const at::Tensor& widths,
                                   c10::string_view activation) {
-  const auto problem = check_activation_inputs(h, gate, offsets_in, widths, std::string(activation));
+  const auto problem =
+      check_activation_inputs(h, gate, offsets_in, widths, std::string(activation));
   const c10::cuda::CUDAGuard guard(h.device());
   const auto offsets = offsets_in.contiguous();
   const auto hc = h.contiguous();

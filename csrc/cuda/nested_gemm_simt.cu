@@ -99,12 +99,13 @@ void nested_gemm_simt(NestedGemmKind kind, const at::Tensor& a, const at::Tensor
   if (p.rows == 0 || p.cols == 0) return;
   const dim3 grid((p.rows + kTileRows - 1) / kTileRows, (p.cols + kTileCols - 1) / kTileCols);
   TORCH_CHECK(grid.y <= 65535, "nested GEMM: too many output columns (", p.cols, ")");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "nested_gemm_simt", [&] {
-    masked_gemm_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(
-        p, tiled.a.data_ptr<scalar_t>(), tiled.b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-        offsets.data_ptr<int32_t>(), widths);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.scalar_type(), "nested_gemm_simt", [&] {
+        masked_gemm_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(
+            p, tiled.a.data_ptr<scalar_t>(), tiled.b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+            offsets.data_ptr<int32_t>(), widths);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace flextron::cuda

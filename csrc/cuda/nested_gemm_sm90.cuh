@@ -16,6 +16,7 @@
 #include <array>
 #include <mutex>
 
+#include "cuda/nested_gemm.h"
 #include "cute/tensor.hpp"
 #include "cutlass/bfloat16.h"
 #include "cutlass/cutlass.h"
@@ -27,7 +28,6 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/half.h"
-#include "cuda/nested_gemm.h"
 
 namespace flextron::cuda::sm90 {
 
@@ -38,7 +38,7 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>
 // CooperativeConfig.
 struct CooperativeConfig {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;  // 2 consumer warpgroups
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;     // groups are few and tall
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;    // groups are few and tall
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
@@ -96,9 +96,8 @@ struct NestedGemm {
       cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment,
-      Element, LayoutB*, kAlignment, float, typename Schedule::TileShape,
-      typename Schedule::ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
+      LayoutB*, kAlignment, float, typename Schedule::TileShape, typename Schedule::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Schedule::KernelSchedule>::CollectiveOp;
@@ -112,8 +111,10 @@ struct NestedGemm {
 
   // group_problem() gives leading dimensions for these layouts: A row-major has its leading
   // dimension in mode 0 (M), column-major in mode 1 (K); B K-major in mode 0 (N); D in mode 0.
-  static_assert(leading_mode<StrideA>() == (std::is_same_v<LayoutA, cutlass::layout::RowMajor> ? 0 : 1));
-  static_assert(leading_mode<StrideB>() == (std::is_same_v<LayoutB, cutlass::layout::ColumnMajor> ? 0 : 1));
+  static_assert(leading_mode<StrideA>() ==
+                (std::is_same_v<LayoutA, cutlass::layout::RowMajor> ? 0 : 1));
+  static_assert(leading_mode<StrideB>() ==
+                (std::is_same_v<LayoutB, cutlass::layout::ColumnMajor> ? 0 : 1));
   static_assert(leading_mode<StrideD>() == 0);
   static_assert(Kernel::SharedStorageSize <= 227 * 1024, "over the sm_90 shared memory per block");
 };
@@ -141,9 +142,8 @@ __device__ Stride leading_stride(int64_t ld) {
 template <typename Config>
 __global__ void build_groups_kernel(GroupArrays<Config> arrays, NestedGemmKind kind,
                                     const typename Config::Element* a,
-                                    const typename Config::Element* b,
-                                    typename Config::Element* d, NestedOperands ops,
-                                    const int32_t* __restrict__ offsets_global,
+                                    const typename Config::Element* b, typename Config::Element* d,
+                                    NestedOperands ops, const int32_t* __restrict__ offsets_global,
                                     GroupWidths widths) {
   __shared__ int32_t offsets[kMaxGroups + 1];
   for (int g = threadIdx.x; g <= widths.count; g += blockDim.x) offsets[g] = offsets_global[g];
@@ -187,7 +187,8 @@ __global__ void zero_skipped_blocks_kernel(Element* d, NestedGemmKind kind, Nest
 template <typename Kernel>
 void allow_shared_memory_once(int device) {
   static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
-  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "device index ", device, " out of range");
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "device index ", device,
+              " out of range");
   std::call_once(once[device], [] {
     if (Kernel::SharedStorageSize >= (48 << 10)) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
@@ -227,11 +228,13 @@ void run(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, at::Tens
   using Gemm = typename Config::Gemm;
   const int groups = widths.count;
   const int device = a.device().index();
-  const size_t sizes[] = {
-      sizeof(typename ProblemShape::UnderlyingProblemShape) * groups, sizeof(Element*) * groups,
-      sizeof(Element*) * groups, sizeof(Element*) * groups,
-      sizeof(typename Config::StrideA) * groups, sizeof(typename Config::StrideB) * groups,
-      sizeof(typename Config::StrideD) * groups};
+  const size_t sizes[] = {sizeof(typename ProblemShape::UnderlyingProblemShape) * groups,
+                          sizeof(Element*) * groups,
+                          sizeof(Element*) * groups,
+                          sizeof(Element*) * groups,
+                          sizeof(typename Config::StrideA) * groups,
+                          sizeof(typename Config::StrideB) * groups,
+                          sizeof(typename Config::StrideD) * groups};
   size_t arrays_bytes = 0;
   for (const size_t s : sizes) arrays_bytes += align_up(s);
   const int sm_count = at::cuda::getDeviceProperties(device)->multiProcessorCount;
@@ -259,18 +262,20 @@ void run(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, at::Tens
   const auto* b_ptr = reinterpret_cast<const Element*>(b.data_ptr());
   auto* d_ptr = reinterpret_cast<Element*>(d.data_ptr());
   const int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
-  build_groups_kernel<Config><<<1, kMaxGroups, 0, stream>>>(arrays, kind, a_ptr, b_ptr, d_ptr,
-                                                            ops, offsets_ptr, widths);
+  build_groups_kernel<Config>
+      <<<1, kMaxGroups, 0, stream>>>(arrays, kind, a_ptr, b_ptr, d_ptr, ops, offsets_ptr, widths);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (kind == NestedGemmKind::kWeightGradN || kind == NestedGemmKind::kWeightGradK) {
-    zero_skipped_blocks_kernel<Element><<<128, 256, 0, stream>>>(d_ptr, kind, ops, offsets_ptr, widths);
+    zero_skipped_blocks_kernel<Element>
+        <<<128, 256, 0, stream>>>(d_ptr, kind, ops, offsets_ptr, widths);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   const auto arguments = make_arguments(arrays, groups, device, sm_count);
   TORCH_CHECK(Gemm::can_implement(arguments) == cutlass::Status::kSuccess,
               "nested GEMM (sm90): CUTLASS cannot implement this problem");
-  TORCH_CHECK(Config::Kernel::initialize_workspace(arguments, workspace, stream) == cutlass::Status::kSuccess,
+  TORCH_CHECK(Config::Kernel::initialize_workspace(arguments, workspace, stream) ==
+                  cutlass::Status::kSuccess,
               "nested GEMM (sm90): CUTLASS workspace initialization failed");
   auto params = Config::Kernel::to_underlying_arguments(arguments, workspace);
   allow_shared_memory_once<typename Config::Kernel>(device);
@@ -299,7 +304,7 @@ void nested_gemm_sm90(NestedGemmKind kind, const at::Tensor& a, const at::Tensor
                       at::Tensor& out, const at::Tensor& offsets, const GroupWidths& widths,
                       const NestedOperands& ops, cudaStream_t stream) {
   sm90::run<sm90::NestedGemm<dtype, layout, sm90::CooperativeConfig>>(kind, a, b, out, offsets,
-                                                                       widths, ops, stream);
+                                                                      widths, ops, stream);
 }
 
 template <at::ScalarType dtype, OperandLayout layout>
@@ -310,10 +315,10 @@ bool sm90_can_implement(const std::vector<GroupProblem>& problems) {
 }  // namespace flextron::cuda
 
 // One (dtype, layout) per .cu file.
-#define FLEXTRON_INSTANTIATE_SM90(dtype, layout)                                              \
-  template void flextron::cuda::nested_gemm_sm90<dtype, layout>(                              \
-      flextron::NestedGemmKind, const at::Tensor&, const at::Tensor&, at::Tensor&,            \
-      const at::Tensor&, const flextron::GroupWidths&, const flextron::NestedOperands&,       \
-      cudaStream_t);                                                                           \
-  template bool flextron::cuda::sm90_can_implement<dtype, layout>(                            \
+#define FLEXTRON_INSTANTIATE_SM90(dtype, layout)                                        \
+  template void flextron::cuda::nested_gemm_sm90<dtype, layout>(                        \
+      flextron::NestedGemmKind, const at::Tensor&, const at::Tensor&, at::Tensor&,      \
+      const at::Tensor&, const flextron::GroupWidths&, const flextron::NestedOperands&, \
+      cudaStream_t);                                                                    \
+  template bool flextron::cuda::sm90_can_implement<dtype, layout>(                      \
       const std::vector<flextron::GroupProblem>&);

@@ -1,5 +1,5 @@
-// The sm90 nested grouped GEMM for fp16, operand layout kTransposedWeight (one instantiation per file so
-// they compile in parallel).
+// The sm90 nested grouped GEMM for fp16, operand layout kTransposedWeight (one instantiation per
+// file so they compile in parallel).
 #include "cuda/nested_gemm_sm90.cuh"
 
 FLEXTRON_INSTANTIATE_SM90(at::kHalf, flextron::cuda::OperandLayout::kTransposedWeight)

@@ -56,9 +56,11 @@ bool use_sm90(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b,
                  (!forward || b.size(0) % kTmaElements == 0);
   for (int g = 0; g < widths.count; ++g) aligned = aligned && widths.values[g] % kTmaElements == 0;
   if (!aligned) {
-    TORCH_WARN_ONCE("flextron: nested GEMM shapes or widths that are not multiples "
-                     "of 8 run on the slower SIMT kernel (the sm90 TMA kernel needs 16-byte "
-                     "alignment); got ", a.sizes(), ", ", b.sizes());
+    TORCH_WARN_ONCE(
+        "flextron: nested GEMM shapes or widths that are not multiples "
+        "of 8 run on the slower SIMT kernel (the sm90 TMA kernel needs 16-byte "
+        "alignment); got ",
+        a.sizes(), ", ", b.sizes());
   }
   return aligned;
 #else
@@ -68,16 +70,17 @@ bool use_sm90(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b,
 
 #ifdef FLEXTRON_HAS_SM90
 template <at::ScalarType dtype>
-void run_sm90_typed(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b,
-                    at::Tensor& out, const at::Tensor& offsets, const GroupWidths& widths,
-                    cudaStream_t stream) {
+void run_sm90_typed(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+                    const at::Tensor& offsets, const GroupWidths& widths, cudaStream_t stream) {
   const auto ops = nested_operands(kind, a, b);
   if (kind == NestedGemmKind::kWeightGradN || kind == NestedGemmKind::kWeightGradK) {
-    nested_gemm_sm90<dtype, OperandLayout::kWeightGrad>(kind, a, b, out, offsets, widths, ops, stream);
+    nested_gemm_sm90<dtype, OperandLayout::kWeightGrad>(kind, a, b, out, offsets, widths, ops,
+                                                        stream);
   } else if (b.stride(1) == 1) {
     nested_gemm_sm90<dtype, OperandLayout::kForward>(kind, a, b, out, offsets, widths, ops, stream);
   } else {
-    nested_gemm_sm90<dtype, OperandLayout::kTransposedWeight>(kind, a, b, out, offsets, widths, ops, stream);
+    nested_gemm_sm90<dtype, OperandLayout::kTransposedWeight>(kind, a, b, out, offsets, widths, ops,
+                                                              stream);
   }
 }
 #endif
@@ -102,8 +105,8 @@ void run_grouped(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, 
 // stores where the row, widths and base allow, element stores otherwise.
 template <typename store_t>
 __global__ void zero_tails_kernel(store_t* __restrict__ out, int64_t rows, int64_t row_stores,
-                                  int elements_per_store, const int32_t* __restrict__ offsets_global,
-                                  GroupWidths widths) {
+                                  int elements_per_store,
+                                  const int32_t* __restrict__ offsets_global, GroupWidths widths) {
   __shared__ int32_t offsets[kMaxGroups + 1];
   for (int g = threadIdx.x; g <= widths.count; g += blockDim.x) offsets[g] = offsets_global[g];
   __syncthreads();
@@ -111,7 +114,8 @@ __global__ void zero_tails_kernel(store_t* __restrict__ out, int64_t rows, int64
   CUDA_KERNEL_ASSERT(valid && "offsets must start at 0, not decrease and end at M");
   if (!valid) return;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t first = widths.values[group_of_row(offsets, widths.count, row)] / elements_per_store;
+    const int64_t first =
+        widths.values[group_of_row(offsets, widths.count, row)] / elements_per_store;
     for (int64_t v = first + threadIdx.x; v < row_stores; v += blockDim.x) {
       out[row * row_stores + v] = store_t{};
     }
@@ -122,15 +126,17 @@ void zero_tails(at::Tensor& out, const at::Tensor& offsets, const GroupWidths& w
   const int64_t rows = out.size(0), cols = out.size(1);
   if (rows == 0 || widths.values[widths.count - 1] == cols) return;
   const int64_t element = out.element_size();
-  bool vectors = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (cols * element) % 16 == 0;
-  for (int g = 0; g < widths.count; ++g) vectors = vectors && (widths.values[g] * element) % 16 == 0;
+  bool vectors =
+      reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (cols * element) % 16 == 0;
+  for (int g = 0; g < widths.count; ++g)
+    vectors = vectors && (widths.values[g] * element) % 16 == 0;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int32_t* bounds = offsets.data_ptr<int32_t>();
   if (vectors) {
     const int per_store = static_cast<int>(16 / element);
-    zero_tails_kernel<uint4><<<blocks, 128, 0, stream>>>(static_cast<uint4*>(out.data_ptr()), rows,
-                                                         cols / per_store, per_store, bounds, widths);
+    zero_tails_kernel<uint4><<<blocks, 128, 0, stream>>>(
+        static_cast<uint4*>(out.data_ptr()), rows, cols / per_store, per_store, bounds, widths);
   } else if (element == 2) {
     zero_tails_kernel<uint16_t><<<blocks, 128, 0, stream>>>(static_cast<uint16_t*>(out.data_ptr()),
                                                             rows, cols, 1, bounds, widths);
@@ -151,7 +157,8 @@ bool use_dense(const at::Tensor& x) {
 at::Tensor nested_linear_n_cuda(const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& offsets_in, const at::Tensor& widths_in,
                                 bool zero_tails_out) {
-  const auto widths = check_nested_inputs(NestedGemmKind::kNestedN, x, weight, offsets_in, widths_in);
+  const auto widths =
+      check_nested_inputs(NestedGemmKind::kNestedN, x, weight, offsets_in, widths_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto offsets = offsets_in.contiguous();
   auto out = at::empty({x.size(0), weight.size(0)}, x.options());
@@ -173,7 +180,8 @@ at::Tensor nested_linear_n_cuda(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor nested_linear_k_cuda(const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& offsets_in, const at::Tensor& widths_in) {
-  const auto widths = check_nested_inputs(NestedGemmKind::kNestedK, x, weight, offsets_in, widths_in);
+  const auto widths =
+      check_nested_inputs(NestedGemmKind::kNestedK, x, weight, offsets_in, widths_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto offsets = offsets_in.contiguous();
   auto out = at::empty({x.size(0), weight.size(0)}, x.options());
@@ -226,20 +234,25 @@ at::Tensor nested_weight_grad_k_cuda(const at::Tensor& grad_out, const at::Tenso
 bool sm90_can_implement_host(const at::Tensor& problems, at::ScalarType dtype, int64_t layout) {
   TORCH_CHECK(problems.dim() == 2 && problems.size(1) == 8 && problems.scalar_type() == at::kLong,
               "problems must be int64 [G, 8], got ", problems.sizes(), " ", problems.scalar_type());
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "dtype must be bfloat16 or float16, got ", dtype);
   TORCH_CHECK(layout >= 0 && layout <= 2, "layout must be 0..2 (OperandLayout), got ", layout);
   const auto rows = problems.contiguous();
   std::vector<GroupProblem> list;
   for (int64_t g = 0; g < rows.size(0); ++g) {
     const int64_t* r = rows.data_ptr<int64_t>() + g * 8;
-    list.push_back({int32_t(r[0]), int32_t(r[1]), int32_t(r[2]), r[3], r[4], r[5], int32_t(r[6]), int32_t(r[7])});
+    list.push_back({int32_t(r[0]), int32_t(r[1]), int32_t(r[2]), r[3], r[4], r[5], int32_t(r[6]),
+                    int32_t(r[7])});
   }
   const auto which = static_cast<OperandLayout>(layout);
   const auto check = [&]<at::ScalarType kDtype>() {
     switch (which) {
-      case OperandLayout::kForward: return sm90_can_implement<kDtype, OperandLayout::kForward>(list);
-      case OperandLayout::kTransposedWeight: return sm90_can_implement<kDtype, OperandLayout::kTransposedWeight>(list);
-      default: return sm90_can_implement<kDtype, OperandLayout::kWeightGrad>(list);
+      case OperandLayout::kForward:
+        return sm90_can_implement<kDtype, OperandLayout::kForward>(list);
+      case OperandLayout::kTransposedWeight:
+        return sm90_can_implement<kDtype, OperandLayout::kTransposedWeight>(list);
+      default:
+        return sm90_can_implement<kDtype, OperandLayout::kWeightGrad>(list);
     }
   };
   return dtype == at::kBFloat16 ? check.template operator()<at::kBFloat16>()

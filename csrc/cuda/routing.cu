@@ -5,8 +5,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
-#include <cub/device/device_radix_sort.cuh>
 #include <torch/library.h>
+#include <cub/device/device_radix_sort.cuh>
 
 #include "routing.h"
 
@@ -16,8 +16,8 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename index_t>
-__global__ void count_choices_kernel(const index_t* __restrict__ choice, int64_t tokens,
-                                     int groups, int32_t* __restrict__ counts) {
+__global__ void count_choices_kernel(const index_t* __restrict__ choice, int64_t tokens, int groups,
+                                     int32_t* __restrict__ counts) {
   __shared__ int32_t local[kMaxGroups];
   for (int g = threadIdx.x; g < groups; g += blockDim.x) local[g] = 0;
   __syncthreads();
@@ -200,12 +200,13 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& perm,
   const int64_t cols = src.numel() / rows;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, cols)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "unpermute_cuda", [&] {
-    scatter_scaled_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.data_ptr<int64_t>(),
-        s.data_ptr<scalar_t>(), rows, cols);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, src.scalar_type(), "unpermute_cuda", [&] {
+        scatter_scaled_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.data_ptr<int64_t>(),
+            s.data_ptr<scalar_t>(), rows, cols);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return out;
 }
 

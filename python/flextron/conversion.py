@@ -553,7 +553,9 @@ def hf_submodel(
     ):
         bad = [c for c in choices if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < count]
         if bad:
-            raise ValueError(f"{flag} must be an index in [0, {count}) (one of the {count} {what}), got {bad[0]!r}")
+            raise ValueError(
+                f"{flag} must be an index in [0, {count}) (one of the {count} {what}), got {bad[0]!r}"
+            )
     if len(set(mlp_choices)) > 1 or len(set(attention_choices)) > 1:
         raise ValueError(
             "per-layer widths differ, but transformers' Llama/GPT-2 configs hold one intermediate_size and "

@@ -172,7 +172,11 @@ def token_windows(
     windows = min(len(ids), max_tokens) // seq_len
     if windows == 0:
         if len(ids) >= max_tokens:
-            raise ValueError(f"one window of --seq-len {seq_len} is more than the {max_tokens} tokens to read")
-        raise ValueError(f"the {flag} text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+            raise ValueError(
+                f"one window of --seq-len {seq_len} is more than the {max_tokens} tokens to read"
+            )
+        raise ValueError(
+            f"the {flag} text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}"
+        )
     tokens = torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)
     yield from tokens.split(batch_size)

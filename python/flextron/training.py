@@ -755,7 +755,11 @@ class Trainer:
                 )
                 load_optimizer(
                     self.surrogate.optimizer,
-                    {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")},
+                    {
+                        k.removeprefix("optimizer."): v
+                        for k, v in tensors.items()
+                        if k.startswith("optimizer.")
+                    },
                     state["surrogate"]["optimizer"],
                 )
                 if "samples.features" in tensors:
