@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -198,3 +199,15 @@ def test_api_text_sources(text_file):
     assert api._texts(texts, "train") == texts
     with pytest.raises(ValueError, match="non-empty list"):
         api._texts([], "train")
+
+
+def test_importing_flextron_leaves_the_hugging_face_hub_alone():
+    """The library reads local files with local_files_only=True; it must not switch the whole
+    process offline (a user's own from_pretrained calls would stop downloading)."""
+    import subprocess
+    import sys
+
+    code = "import os, flextron, flextron.api, flextron.conversion, flextron.data; print(os.environ.get('HF_HUB_OFFLINE'))"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "None"

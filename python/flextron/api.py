@@ -13,7 +13,6 @@ them, or a list of :class:`flextron.data.Text`; ``None`` is the embedded Shakesp
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from flextron import data as _data
 from flextron.budgets import BudgetResolver, BudgetRouting, RoutingMethod
 from flextron.outputs import check_files_free, check_free, check_not_source
 from flextron.runtime import DtypeName, resolve_device, resolve_dtype
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TextSource = str | Path | Sequence[_data.Text] | None
 DEFAULT_BUDGETS = (1.0, 0.75, 0.5)

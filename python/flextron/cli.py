@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -405,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # flextron reads local files only (every from_pretrained says local_files_only=True); in
+    # our own process, make sure nothing else transformers does reaches for the hub either.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     torch.manual_seed(getattr(args, "seed", None) or 0)
     try:

@@ -4,12 +4,11 @@ export a static sub-network back as a plain Hugging Face checkpoint.
 
 Supported: the Llama family (``llama``, ``mistral`` without sliding windows, ``qwen2``;
 SmolLM is ``llama``) and ``gpt2``. Everything is read from local directories
-(``HF_HUB_OFFLINE=1``): nothing is downloaded.
+(``local_files_only=True``): nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,8 +26,6 @@ from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss
 from flextron.outputs import check_free, check_not_source, staged_directory
 from flextron.rope import RopeScaling
 from flextron.runtime import DtypeName, resolve_dtype
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_FAMILY, "gpt2")
