@@ -34,6 +34,11 @@ class BudgetResult:
 
 
 @torch.no_grad()
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each position's logits against the next token (in fp32)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
+
+
 def mean_loss(
     model: ElasticLM,
     batches: Sequence[torch.Tensor],
@@ -46,8 +51,7 @@ def mean_loss(
     for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(batch, routing)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
+        total += next_token_loss(logits, batch, reduction="sum").item()
         count += batch[:, 1:].numel()
     return total / count, count
 

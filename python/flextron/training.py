@@ -57,7 +57,7 @@ from flextron.checkpoint import (
     stored_losses,
 )
 from flextron.data import Text, token_windows
-from flextron.evaluation import mean_loss
+from flextron.evaluation import mean_loss, next_token_loss
 from flextron.latency import LatencyTable, measure
 from flextron.model import ElasticLM, Routing, UniformLoss, lowest_loss_within
 from flextron.outputs import DirectoryLock, OutputError, check_not_source
@@ -242,10 +242,6 @@ def sample_subnetwork(config: TrainConfig, model_config, generator: torch.Genera
     if count == 1:
         return Routing.uniform(layers, mlp[0], attention[0])
     return Routing(mlp, attention)
-
-
-def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def kl_to_teacher(logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -553,7 +549,7 @@ class Trainer:
         routing = sample_subnetwork(self.config, self.model.config, generator)
         with self._autocast():
             logits = self.trained_model(ids, routing)
-            loss = lm_loss(logits, ids) if "ce" in self.config.loss else logits.new_zeros(())
+            loss = next_token_loss(logits, ids) if "ce" in self.config.loss else logits.new_zeros(())
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(ids)
@@ -578,7 +574,7 @@ class Trainer:
         routing, output = self._route(budget, step, noise_gen)
         probe = self.probe.to(self.device)
         with torch.no_grad() if output is not None else torch.enable_grad(), self._autocast():
-            measured = lm_loss(self.model(probe, routing), probe).item()
+            measured = next_token_loss(self.model(probe, routing), probe).item()
         output = output or routing.output()
         fit = 0.0
         for features, loss in self._gather(output.features().detach(), measured):
@@ -606,7 +602,7 @@ class Trainer:
         budget = self._budget(sample_gen)
         routing, output = self._route(budget, step, noise_gen)
         with self._autocast():
-            loss = lm_loss(self.trained_model(ids, routing), ids)
+            loss = next_token_loss(self.trained_model(ids, routing), ids)
         output = output or routing.output()
         penalty, expected = latency_penalty(self.table, output, budget)
         info = {"lm_loss": loss.item(), "latency_ms": expected.item(), "budget": budget}
