@@ -108,7 +108,30 @@ def load_router_state(router: nn.Module, tensors: dict[str, Tensor]) -> None:
     router.load_state_dict(tensors)
 
 
-class StaticRouter(nn.Module):
+class BudgetRouter(nn.Module):
+    """What both routers share: the budget encoding, the choice counts per layer and a
+    per-budget prior on the logits (zero: no preference; :meth:`warm_start` sets it)."""
+
+    def __init__(self, config: ElasticConfig, budgets: Sequence[float]) -> None:
+        super().__init__()
+        self.encode = BudgetEncoding(budgets)
+        self.layers = config.num_layers
+        self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_choices)
+
+    def _add_prior(self) -> None:
+        # Registered after the subclass's nets: saved optimizer states index parameters in order.
+        width = self.mlp_choices + self.attention_choices
+        self.prior = nn.Parameter(torch.zeros(len(self.encode), self.layers, width))
+
+    def warm_start(self, starts: Sequence[tuple[int, int]], margin: float) -> None:
+        """Start each budget (in :attr:`encode` order, ascending) from one uniform choice."""
+        with torch.no_grad():
+            self.prior.copy_(
+                prior_logits(self.layers, self.mlp_choices, self.attention_choices, starts, margin)
+            )
+
+
+class StaticRouter(BudgetRouter):
     """Budget -> one MLP choice and one head choice per layer.
 
     The logits are a 2-layer MLP of the budget encoding plus a per-budget prior (a bias per
@@ -117,24 +140,14 @@ class StaticRouter(nn.Module):
     """
 
     def __init__(self, config: ElasticConfig, budgets: Sequence[float], hidden: int = 64) -> None:
-        super().__init__()
-        self.encode = BudgetEncoding(budgets)
-        self.layers = config.num_layers
-        self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_choices)
+        super().__init__(config, budgets)
         width = self.mlp_choices + self.attention_choices
         self.net = nn.Sequential(
             nn.Linear(len(self.encode), hidden), nn.ReLU(), nn.Linear(hidden, self.layers * width)
         )
-        self.prior = nn.Parameter(torch.zeros(len(self.encode), self.layers, width))
+        self._add_prior()
         with torch.no_grad():  # no preference at the start: every choice gets explored
             self.net[-1].bias.zero_()
-
-    def warm_start(self, starts: Sequence[tuple[int, int]], margin: float) -> None:
-        """Start each budget (in :attr:`encode` order, ascending) from one uniform choice."""
-        with torch.no_grad():
-            self.prior.copy_(
-                prior_logits(self.layers, self.mlp_choices, self.attention_choices, starts, margin)
-            )
 
     def logits(self, budget: float) -> tuple[Tensor, Tensor]:
         encoding = self.encode(budget, self.prior.device)
@@ -168,15 +181,12 @@ class StaticRouter(nn.Module):
         )
 
 
-class TokenRouter(nn.Module):
+class TokenRouter(BudgetRouter):
     """Per layer: hidden state of each token + budget encoding -> its MLP and head choices,
     plus a per-budget prior as in :class:`StaticRouter`."""
 
     def __init__(self, config: ElasticConfig, budgets: Sequence[float], hidden: int = 64) -> None:
-        super().__init__()
-        self.encode = BudgetEncoding(budgets)
-        self.layers = config.num_layers
-        self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_choices)
+        super().__init__(config, budgets)
         self.nets = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(config.hidden_size + len(self.encode), hidden),
@@ -185,19 +195,10 @@ class TokenRouter(nn.Module):
             )
             for _ in range(config.num_layers)
         )
-        self.prior = nn.Parameter(
-            torch.zeros(len(self.encode), config.num_layers, self.mlp_choices + self.attention_choices)
-        )
+        self._add_prior()
         with torch.no_grad():
             for net in self.nets:
                 net[-1].bias.zero_()
-
-    def warm_start(self, starts: Sequence[tuple[int, int]], margin: float) -> None:
-        """Start each budget (in :attr:`encode` order, ascending) from one uniform choice."""
-        with torch.no_grad():
-            self.prior.copy_(
-                prior_logits(self.layers, self.mlp_choices, self.attention_choices, starts, margin)
-            )
 
     def route(self, budget: float, temperature: float | None = None, generator=None) -> TokenRouting:
         return TokenRouting(self, budget, temperature, generator)
