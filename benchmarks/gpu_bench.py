@@ -42,7 +42,8 @@ import torch
 try:  # the extension may not import while it is being edited: rows record the error
     import flextron
     from flextron import reference
-    from flextron.benchmarks.common import MIXES, choices_for_mix, nested_widths
+    from flextron.benchmarks.common import MIXES, choices_for_mix
+    from flextron.conversion import default_mlp_widths
 
     IMPORT_ERROR: str | None = None
 except Exception as error:  # pragma: no cover - only without a working build
@@ -209,7 +210,7 @@ class Routed:
 
 
 def routed(cfg: Config, tokens: int, mix: str) -> Routed:
-    widths = nested_widths(cfg.inner)
+    widths = list(default_mlp_widths(cfg.inner))
     choice = choices_for_mix(tokens, MIXES[mix], cfg.device)
     plan = flextron.route_plan(choice, widths)
     counts = torch.bincount(choice.cpu(), minlength=len(widths)).tolist()

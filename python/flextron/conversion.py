@@ -131,6 +131,11 @@ def nested_choices(full: int, fractions: Sequence[float], multiple: int) -> tupl
     return tuple(sorted((v for v in values if v <= full), reverse=True))
 
 
+def default_mlp_widths(inner: int) -> tuple[int, ...]:
+    """The MLP width choices conversion gives an MLP of ``inner`` neurons by default."""
+    return nested_choices(inner, MLP_FRACTIONS, MLP_MULTIPLE)
+
+
 def elastic_config_from_hf(
     hf_config,
     mlp_widths: Sequence[int] | None = None,
@@ -194,7 +199,7 @@ def elastic_config_from_hf(
         hidden_size=hidden,
         num_heads=heads,
         intermediate_size=inner,
-        mlp_widths=tuple(mlp_widths) if mlp_widths else nested_choices(inner, MLP_FRACTIONS, MLP_MULTIPLE),
+        mlp_widths=tuple(mlp_widths) if mlp_widths else default_mlp_widths(inner),
         head_choices=tuple(head_choices) if head_choices else nested_choices(heads, HEAD_FRACTIONS, group),
         pad_token_id=_token_id(hf_config, "pad_token_id"),
         bos_token_id=_token_id(hf_config, "bos_token_id"),

@@ -55,15 +55,8 @@ GPU_TOKENS = (512, 4096, 16384)
 CPU_SHAPES = {"smollm-135m": (576, 1536), "tinyllama-1b": (2048, 5632)}
 CPU_TOKENS = (256, 1024)
 
-WIDTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # Share of tokens per width choice (widest first).
 MIXES = {"uniform": (0.25, 0.25, 0.25, 0.25), "skewed": (0.1, 0.2, 0.3, 0.4)}
-
-
-def nested_widths(full: int, fractions=WIDTH_FRACTIONS, multiple: int = 64) -> list[int]:
-    """Width choices as multiples of `multiple` (the full width is kept as it is)."""
-    widths = [full] + [max(multiple, round(full * f / multiple) * multiple) for f in fractions[1:]]
-    return sorted(set(widths), reverse=True)
 
 
 def choices_for_mix(tokens: int, mix: tuple[float, ...], device: str, seed: int = 0) -> torch.Tensor:

@@ -21,10 +21,10 @@ from flextron.benchmarks.common import (
     Results,
     choices_for_mix,
     mean_fraction,
-    nested_widths,
     run_mlp_shape_sweep,
     time_ms,
 )
+from flextron.conversion import default_mlp_widths
 
 
 def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -43,7 +43,7 @@ def bench_case(
     mix_name: str,
     repeat: int,
 ):
-    widths = nested_widths(inner)
+    widths = list(default_mlp_widths(inner))
     mix = MIXES[mix_name]
     choice = choices_for_mix(tokens, mix, device)
     gen = torch.Generator().manual_seed(0)

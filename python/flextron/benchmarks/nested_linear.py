@@ -20,10 +20,10 @@ from flextron.benchmarks.common import (
     Results,
     choices_for_mix,
     mean_fraction,
-    nested_widths,
     run_mlp_shape_sweep,
     time_ms,
 )
+from flextron.conversion import default_mlp_widths
 
 
 def grouped_mm_padded(x: torch.Tensor, padded_weights: torch.Tensor, offsets: torch.Tensor):
@@ -42,7 +42,7 @@ def bench_case(
     mix_name: str,
     repeat: int,
 ):
-    widths = nested_widths(inner)
+    widths = list(default_mlp_widths(inner))
     mix = MIXES[mix_name]
     plan = flextron.route_plan(choices_for_mix(tokens, mix, device), widths)
     counts = (plan.offsets[1:] - plan.offsets[:-1]).cpu().tolist()
