@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ try:  # the extension may not import while it is being edited: rows record the e
     from flextron import reference
     from flextron.benchmarks.common import MIXES, choices_for_mix
     from flextron.conversion import default_mlp_widths
+    from flextron.timing import Stats, Timer, stats_columns
 
     IMPORT_ERROR: str | None = None
 except Exception as error:  # pragma: no cover - only without a working build
@@ -99,65 +99,6 @@ DRY_CONFIG = Config(
 )
 
 
-@dataclass(frozen=True)
-class Stats:
-    median: float
-    p20: float
-    p80: float
-    n: int
-
-
-def summarize(samples: list[float]) -> Stats:
-    if len(samples) < 2:
-        return Stats(samples[0], samples[0], samples[0], len(samples))
-    q = statistics.quantiles(samples, n=5, method="inclusive")  # the 20/40/60/80th percentiles
-    return Stats(statistics.median(samples), q[0], q[3], len(samples))
-
-
-class Timer:
-    """Interleaved (ABAB) timing of several callables; CUDA events on the GPU with the L2
-    flushed before every sample, perf_counter on the CPU."""
-
-    def __init__(self, device: str, flush_mb: int) -> None:
-        self.cuda = device == "cuda"
-        self.flush_buffer = (
-            torch.empty(flush_mb * 2**20 // 4, dtype=torch.int32, device=device) if flush_mb else None
-        )
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def flush(self) -> None:
-        if self.flush_buffer is not None:
-            self.flush_buffer.zero_()
-
-    def measure(self, fns: dict[str, Callable[[], object]], repeat: int, warmup: int) -> dict[str, Stats]:
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        self.sync()
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        events: list[tuple[str, Any, Any]] = []
-        for _ in range(repeat):
-            for name, fn in fns.items():
-                self.flush()
-                if self.cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    events.append((name, start, end))
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append((time.perf_counter() - t0) * 1e3)
-        self.sync()
-        for name, start, end in events:
-            samples[name].append(start.elapsed_time(end))
-        return {name: summarize(values) for name, values in samples.items()}
-
-
 def usable(fns: dict[str, Callable[[], object]], sync: Callable[[], None]) -> tuple[dict, dict[str, str]]:
     """Run each baseline once: drop the ones that fail (their error goes in the row).
     ``ours`` is not guarded: its failure is the row's error."""
@@ -175,15 +116,6 @@ def usable(fns: dict[str, Callable[[], object]], sync: Callable[[], None]) -> tu
         except Exception as error:
             errors[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
     return ok, errors
-
-
-def flatten(stats: dict[str, Stats], prefix: str = "") -> dict[str, float]:
-    row: dict[str, float] = {}
-    for name, s in stats.items():
-        row[f"{prefix}{name}_ms"] = round(s.median, 5)
-        row[f"{prefix}{name}_p20_ms"] = round(s.p20, 5)
-        row[f"{prefix}{name}_p80_ms"] = round(s.p80, 5)
-    return row
 
 
 @dataclass
@@ -225,7 +157,7 @@ def randn(cfg: Config, *shape: int, scale: float = 1.0) -> torch.Tensor:
 class Bench:
     out: Path
     cfg: Config
-    timer: Timer
+    timer: Timer | None  # None when flextron does not import (the one row says why)
     budget_s: float
     dry_run: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -293,7 +225,7 @@ def ceiling_row(b: Bench) -> dict[str, Any]:
     n = b.cfg.ceiling
     x, y = randn(b.cfg, n, n), randn(b.cfg, n, n)
     stats = b.timer.measure({"matmul": lambda: torch.matmul(x, y)}, b.cfg.repeat, b.cfg.warmup)
-    return {"n": n, **flatten(stats), "tflops": 2 * n**3 / stats["matmul"].median / 1e9}
+    return {"n": n, **stats_columns(stats), "tflops": 2 * n**3 / stats["matmul"].median / 1e9}
 
 
 def gemm_row(b: Bench, op: str, tokens: int, mix: str) -> dict[str, Any]:
@@ -351,7 +283,7 @@ def gemm_row(b: Bench, op: str, tokens: int, mix: str) -> dict[str, Any]:
     row = {
         "widths": r.widths,
         "flop_share_r": round(useful / dense_flops, 4),
-        **flatten(stats),
+        **stats_columns(stats),
         "ours_useful_tflops": useful / ours / 1e9,
         "dense_tflops": dense_flops / dense / 1e9,
         "efficiency_vs_dense": (useful / ours) / (dense_flops / dense),
@@ -397,8 +329,8 @@ def mlp_row(b: Bench, tokens: int, mix: str) -> dict[str, Any]:
     row = {
         "widths": widths,
         "flop_share_r": round(share, 4),
-        **flatten(stats, "fwd_"),
-        **flatten(train_stats, "train_"),
+        **stats_columns(stats, "fwd_"),
+        **stats_columns(train_stats, "train_"),
         "fwd_vs_dense": ours / dense,
         "fwd_vs_ideal": ours / (share * dense),
         **errors,
@@ -484,7 +416,7 @@ def graph_row(b: Bench, tokens: int) -> dict[str, Any]:
         stats = b.timer.measure(fns, b.repeat(tokens), cfg.warmup)
     row = {
         "widths": widths,
-        **flatten(stats),
+        **stats_columns(stats),
         "eager_vs_dense": stats["ours_eager"].median / stats["dense_eager"].median,
         **errors,
     }
@@ -506,7 +438,7 @@ def activation_row(b: Bench, tokens: int) -> dict[str, Any]:
     size = h.element_size()
     full_bytes = 3 * tokens * cfg.inner * size  # read h and gate, write out
     useful_bytes = size * sum(c * (2 * d + cfg.inner) for c, d in zip(r.counts, r.widths, strict=True))
-    row = {**flatten(stats), "ours_gbps": full_bytes / stats["ours"].median / 1e6, **errors}
+    row = {**stats_columns(stats), "ours_gbps": full_bytes / stats["ours"].median / 1e6, **errors}
     row["ours_useful_gbps"] = useful_bytes / stats["ours"].median / 1e6
     if "dense" in stats:
         row["dense_gbps"] = full_bytes / stats["dense"].median / 1e6
@@ -550,7 +482,7 @@ def dense_rows_row(b: Bench) -> dict[str, Any]:
                     {
                         "op": op,
                         "T": tokens,
-                        **flatten(stats),
+                        **stats_columns(stats),
                         "dense_faster": stats["dense"].median < stats["grouped"].median,
                     }
                 )
@@ -656,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         torch.set_num_threads(1)  # tiny tensors: threads only contend
     torch.manual_seed(0)
-    bench = Bench(args.out, cfg, Timer(cfg.device, cfg.flush_mb), args.budget_s, args.dry_run)
+    timer = Timer(cfg.device, cfg.flush_mb) if IMPORT_ERROR is None else None
+    bench = Bench(args.out, cfg, timer, args.budget_s, args.dry_run)
     rows = plan_rows(bench) if IMPORT_ERROR is None else [({"kind": "import"}, lambda: {})]
     print(f"gpu_bench on {cfg.device}, {cfg.dtype}, H={cfg.hidden}, D={cfg.inner}, budget {args.budget_s} s")
     for labels, body in rows:

@@ -23,10 +23,10 @@ from flextron.budgets import BudgetResolver
 from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic, load_tokenizer
 from flextron.conversion import ConvertOptions, convert
 from flextron.evaluation import mean_loss
-from flextron.latency import median_ms
 from flextron.model import Routing
 from flextron.outputs import OutputError
 from flextron.runtime import DtypeName, resolve_dtype
+from flextron.timing import median_ms
 from flextron.training import TrainConfig, train
 
 

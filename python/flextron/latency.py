@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +19,7 @@ from tqdm.auto import tqdm
 
 from flextron.checkpoint import atomic_write_json
 from flextron.model import ElasticLM
+from flextron.timing import median_ms
 
 Phase = Literal["prefill", "decode"]
 
@@ -73,22 +71,6 @@ class LatencyTable:
             ) from None
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path} is not a latency table: {e}") from None
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 7) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls (synchronizing CUDA)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def device_name(device: torch.device) -> str:

@@ -8,9 +8,8 @@ nothing here asserts on speed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flextron.latency import device_name as flextron_device_name
+from flextron.timing import Stats, Timer
 
 
 def default_out_dir(device: str) -> Path:
@@ -72,26 +72,15 @@ def mean_fraction(widths: list[int], mix: tuple[float, ...]) -> float:
     return sum(share * w for share, w in zip(mix, widths, strict=True)) / widths[0]
 
 
-def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, repeat: int = 10) -> float:
-    """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+def time_all(fns: dict[str, Callable[[], object]], device: str, repeat: int = 10) -> dict[str, Stats]:
+    """``{name: Stats}``: the callables timed interleaved by this device's Timer (L2 flushed
+    on a GPU; see flextron.timing)."""
+    return _timer(device).measure(fns, repeat=repeat)
+
+
+@functools.cache
+def _timer(device: str) -> Timer:
+    return Timer(device)
 
 
 def device_name(device: str) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from flextron.benchmarks.common import BenchOptions, Results, print_table, time_ms
+from flextron.benchmarks.common import BenchOptions, Results, print_table, time_all
 from flextron.layers import ElasticAttention
 from flextron.rope import apply_rotary
+from flextron.timing import Stats, stats_columns
 
 HEAD_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 
@@ -102,14 +103,17 @@ class PlainAttention:
         return F.linear(out.transpose(1, 2).reshape(batch, steps, -1), self.w_o)
 
 
-def add_row(results, common: dict, case: str, backend: str, ours_ms, dense_ms, ideal, sliced_ms=None) -> None:
+def add_row(results, common: dict, case: str, backend: str, stats: dict[str, Stats], ideal: float) -> None:
+    """``stats``: "ours" and "dense" (and "sliced", the plain layer at the same head count),
+    timed interleaved."""
+    ours_ms, dense_ms = stats["ours"].median, stats["dense"].median
+    sliced_ms = stats["sliced"].median if "sliced" in stats else None
     results.add(
         **common,
         case=case,
         backend=backend,
-        ours_ms=ours_ms,
-        dense_ms=dense_ms,
-        sliced_ms=sliced_ms,
+        sliced_ms=None,
+        **stats_columns(stats),
         fraction_of_dense=ours_ms / dense_ms,
         ideal_fraction=ideal,
         vs_ideal=ours_ms / (ideal * dense_ms),
@@ -129,26 +133,37 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
     keys = torch.arange(1, steps + 1, device=device)
     full_flops = layer_flops(shape, torch.full((steps,), shape.heads, device=device), keys)
     dense = PlainAttention.slice(layer, shape.heads)
-    dense_ms = time_ms(lambda: dense(x, cos, sin), device, repeat=repeat)
     common = {"phase": "prefill", "shape": name, "batch": 1, "tokens": steps, "dtype": str(dtype)[6:]}
 
-    def add(case, backend, ours_ms, ideal, sliced_ms=None):
-        add_row(results, common, case, backend, ours_ms, dense_ms, ideal, sliced_ms)
-
     for g, heads in enumerate(layer.head_choices):
-        ours_ms = time_ms(lambda g=g: layer(x, g, position_embeddings=(cos, sin)), device, repeat=repeat)
         sliced = PlainAttention.slice(layer, heads)
-        sliced_ms = time_ms(lambda sliced=sliced: sliced(x, cos, sin), device, repeat=repeat)
+        fns = {
+            "ours": lambda g=g: layer(x, g, position_embeddings=(cos, sin)),
+            "dense": lambda: dense(x, cos, sin),
+            "sliced": lambda sliced=sliced: sliced(x, cos, sin),
+        }
         ideal = layer_flops(shape, torch.full((steps,), heads, device=device), keys) / full_flops
-        add(f"static {heads}/{shape.heads} heads", "sdpa", ours_ms, ideal, sliced_ms)
+        add_row(
+            results,
+            common,
+            f"static {heads}/{shape.heads} heads",
+            "sdpa",
+            time_all(fns, device, repeat),
+            ideal,
+        )
 
     choice = mixed_choice(1, steps, len(layer.head_choices), device)
     token_heads = layer.head_counts[choice].reshape(-1)
     proportional = layer_flops(shape, token_heads, keys) / full_flops
     for backend in ("sdpa", "flex"):
         layer.attention_backend = backend
-        ours_ms = time_ms(lambda: layer(x, choice, position_embeddings=(cos, sin)), device, repeat=repeat)
-        add("per-token uniform mix", backend, ours_ms, proportional)
+        fns = {
+            "ours": lambda: layer(x, choice, position_embeddings=(cos, sin)),
+            "dense": lambda: dense(x, cos, sin),
+        }
+        add_row(
+            results, common, "per-token uniform mix", backend, time_all(fns, device, repeat), proportional
+        )
     layer.attention_backend = "sdpa"
 
 
@@ -163,8 +178,10 @@ def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat
     heads = torch.tensor(layer.head_choices, device=device).repeat_interleave(steps)
     ideal = layer_flops(shape, heads, keys) / full
     dense = PlainAttention.slice(layer, shape.heads)
-    dense_ms = time_ms(lambda: dense(x, cos, sin), device, repeat=repeat)
-    ours_ms = time_ms(lambda: layer(x, choice, position_embeddings=(cos, sin)), device, repeat=repeat)
+    fns = {
+        "ours": lambda: layer(x, choice, position_embeddings=(cos, sin)),
+        "dense": lambda: dense(x, cos, sin),
+    }
     common = {
         "phase": "prefill",
         "shape": name,
@@ -172,7 +189,7 @@ def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat
         "tokens": groups * steps,
         "dtype": str(dtype)[6:],
     }
-    add_row(results, common, "per-sequence budgets", "sdpa", ours_ms, dense_ms, ideal)
+    add_row(results, common, "per-sequence budgets", "sdpa", time_all(fns, device, repeat), ideal)
 
 
 def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat):
@@ -192,22 +209,21 @@ def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repe
 
     kv = (cache.k.clone(), cache.v.clone(), cached + 1)
     dense = PlainAttention.slice(layer, shape.heads)
-    dense_ms = time_ms(lambda: dense(x, cos, sin, kv), device, repeat=repeat)
     common = {"phase": "decode", "shape": name, "batch": batch, "tokens": cached, "dtype": str(dtype)[6:]}
     cases = [(f"static {h}/{shape.heads} heads", g, "sdpa") for g, h in enumerate(layer.head_choices)]
     choice = mixed_choice(batch, 1, len(layer.head_choices), device)
     cases += [("per-token uniform mix", choice, "sdpa"), ("per-token uniform mix", choice, "flex")]
     for case, choice_arg, backend in cases:
         layer.attention_backend = backend
-        ours_ms = time_ms(lambda c=choice_arg: step(c), device, repeat=repeat)
+        fns = {"ours": lambda c=choice_arg: step(c), "dense": lambda: dense(x, cos, sin, kv)}
         if isinstance(choice_arg, int):
             heads = torch.full((batch,), layer.head_choices[choice_arg], device=device)
             sliced = PlainAttention.slice(layer, layer.head_choices[choice_arg])
-            sliced_ms = time_ms(lambda sliced=sliced: sliced(x, cos, sin, kv), device, repeat=repeat)
+            fns["sliced"] = lambda sliced=sliced: sliced(x, cos, sin, kv)
         else:
-            heads, sliced_ms = layer.head_counts[choice_arg].reshape(-1), None
+            heads = layer.head_counts[choice_arg].reshape(-1)
         ideal = layer_flops(shape, heads, keys) / full_flops
-        add_row(results, common, case, backend, ours_ms, dense_ms, ideal, sliced_ms)
+        add_row(results, common, case, backend, time_all(fns, device, repeat), ideal)
     layer.attention_backend = "sdpa"
 
 

@@ -22,9 +22,10 @@ from flextron.benchmarks.common import (
     choices_for_mix,
     mean_fraction,
     run_mlp_shape_sweep,
-    time_ms,
+    time_all,
 )
 from flextron.conversion import default_mlp_widths
+from flextron.timing import stats_columns
 
 
 def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -54,30 +55,38 @@ def bench_case(
     params = {"w_up": weight(inner, hidden), "w_gate": weight(inner, hidden), "w_down": weight(hidden, inner)}
     x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
     ratio = mean_fraction(widths, mix)
-    ours_ms = time_ms(lambda: flextron.elastic_mlp(x, choice, widths=widths, **params), device, repeat=repeat)
-    dense_ms = time_ms(lambda: reference.dense_mlp(x, **params), device, repeat=repeat)
-    loop_ms = time_ms(
-        lambda: reference.elastic_mlp(x, choice, widths=widths, **params), device, repeat=repeat
+    forward = time_all(
+        {
+            "ours": lambda: flextron.elastic_mlp(x, choice, widths=widths, **params),
+            "dense": lambda: reference.dense_mlp(x, **params),
+            "loop": lambda: reference.elastic_mlp(x, choice, widths=widths, **params),
+            "routing": lambda: routing_only(x, choice, widths),
+        },
+        device,
+        repeat,
     )
-    routing_ms = time_ms(lambda: routing_only(x, choice, widths), device, repeat=repeat)
     trained = {k: v.detach().requires_grad_() for k, v in params.items()}
     x_train = x.detach().requires_grad_()
 
     def step(mlp) -> None:
         mlp().float().sum().backward()
 
-    ours_train_ms = time_ms(
-        lambda: step(lambda: flextron.elastic_mlp(x_train, choice, widths=widths, **trained)),
+    train = time_all(
+        {
+            "ours_train": lambda: step(
+                lambda: flextron.elastic_mlp(x_train, choice, widths=widths, **trained)
+            ),
+            "dense_train": lambda: step(lambda: reference.dense_mlp(x_train, **trained)),
+            "loop_train": lambda: step(
+                lambda: reference.elastic_mlp(x_train, choice, widths=widths, **trained)
+            ),
+        },
         device,
-        repeat=repeat,
+        repeat,
     )
-    dense_train_ms = time_ms(
-        lambda: step(lambda: reference.dense_mlp(x_train, **trained)), device, repeat=repeat
-    )
-    loop_train_ms = time_ms(
-        lambda: step(lambda: reference.elastic_mlp(x_train, choice, widths=widths, **trained)),
-        device,
-        repeat=repeat,
+    ours_ms, dense_ms, loop_ms = (forward[k].median for k in ("ours", "dense", "loop"))
+    ours_train_ms, dense_train_ms, loop_train_ms = (
+        train[k].median for k in ("ours_train", "dense_train", "loop_train")
     )
     counts = torch.bincount(choice, minlength=len(widths)).tolist()
     useful = 3 * 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
@@ -90,18 +99,13 @@ def bench_case(
         dtype=str(dtype).split(".")[-1],
         widths=widths,
         mean_fraction=round(ratio, 4),
-        ours_ms=ours_ms,
-        dense_ms=dense_ms,
-        loop_ms=loop_ms,
-        routing_ms=routing_ms,
+        **stats_columns(forward),
+        **stats_columns(train),
         ours_tflops=useful / ours_ms / 1e9,
         fraction_of_dense=ours_ms / dense_ms,
         vs_ideal=ours_ms / (ratio * dense_ms),
         speedup_vs_loop=loop_ms / ours_ms,
-        routing_share=routing_ms / ours_ms,
-        ours_train_ms=ours_train_ms,
-        dense_train_ms=dense_train_ms,
-        loop_train_ms=loop_train_ms,
+        routing_share=forward["routing"].median / ours_ms,
         train_fraction_of_dense=ours_train_ms / dense_train_ms,
         train_speedup_vs_loop=loop_train_ms / ours_train_ms,
     )

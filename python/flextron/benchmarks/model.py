@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flextron.benchmarks.common import BenchOptions, Results, print_table, time_ms
+from flextron.benchmarks.common import BenchOptions, Results, print_table, time_all
 from flextron.conversion import hf_submodel
 from flextron.model import ElasticConfig, ElasticLM, Routing
+from flextron.timing import stats_columns
 
 
 @dataclass(frozen=True)
@@ -135,17 +136,20 @@ def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int
     cases = UNIFORM_CASES[:2] if quick else UNIFORM_CASES
     for mlp, attention in tqdm(cases, desc=f"{name} T={tokens}", leave=False):
         routing = Routing.uniform(config.num_layers, mlp, attention)
-        ours_ms = time_ms(lambda r=routing: model(ids, r), device, repeat=repeat)
         hf_model, width, heads = hf_submodel(model, source, mlp, attention)
-        hf_ms = time_ms(lambda m=hf_model: m(ids, use_cache=False), device, repeat=repeat)
-        del hf_model
+        fns = {
+            "ours": lambda r=routing: model(ids, r),
+            "transformers": lambda m=hf_model: m(ids, use_cache=False),
+        }
+        stats = time_all(fns, device, repeat)
+        ours_ms, hf_ms = stats["ours"].median, stats["transformers"].median
+        del hf_model, fns
         full_ms = full_ms or ours_ms  # the first case is the full width
         ideal = (config.num_layers * layer_flops(config, mlp, attention, tokens) + head_flops) / full_flops
         results.add(
             **common,
             case=f"uniform MLP {width} heads {heads}",
-            ours_ms=ours_ms,
-            transformers_ms=hf_ms,
+            **stats_columns(stats),
             fraction_of_full=ours_ms / full_ms,
             ideal_fraction=round(ideal, 4),
             vs_ideal=ours_ms / (ideal * full_ms),
@@ -162,12 +166,13 @@ def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int
         for _ in range(config.num_layers)
     ]
     routing = Routing(mlp_choice, attention_choice)
-    ours_ms = time_ms(lambda: model(ids, routing), device, repeat=repeat)
+    stats = time_all({"ours": lambda: model(ids, routing)}, device, repeat)
+    ours_ms = stats["ours"].median
     ideal = (_token_flops(config, mlp_choice, attention_choice, tokens) + head_flops) / full_flops
     results.add(
         **common,
         case="per-token uniform mix",
-        ours_ms=ours_ms,
+        **stats_columns(stats),
         transformers_ms=None,
         fraction_of_full=ours_ms / full_ms,
         ideal_fraction=round(ideal, 4),

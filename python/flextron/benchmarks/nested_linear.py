@@ -21,9 +21,10 @@ from flextron.benchmarks.common import (
     choices_for_mix,
     mean_fraction,
     run_mlp_shape_sweep,
-    time_ms,
+    time_all,
 )
 from flextron.conversion import default_mlp_widths
+from flextron.timing import stats_columns
 
 
 def grouped_mm_padded(x: torch.Tensor, padded_weights: torch.Tensor, offsets: torch.Tensor):
@@ -88,13 +89,10 @@ def bench_case(
             widths=widths,
             ideal_fraction=round(ideal, 4),
         )
-        ours_ms = time_ms(ours, device, repeat=repeat)
-        dense_ms = time_ms(dense, device, repeat=repeat)
-        loop_ms = time_ms(loop, device, repeat=repeat)
+        stats = time_all({"ours": ours, "dense": dense, "loop": loop}, device, repeat)
+        ours_ms, dense_ms, loop_ms = (stats[k].median for k in ("ours", "dense", "loop"))
         row.update(
-            ours_ms=ours_ms,
-            dense_ms=dense_ms,
-            loop_ms=loop_ms,
+            **stats_columns(stats),
             ours_tflops=useful / ours_ms / 1e9,
             dense_tflops=2 * tokens * hidden * inner / dense_ms / 1e9,
             fraction_of_dense=ours_ms / dense_ms,
@@ -102,9 +100,10 @@ def bench_case(
         )
         if op == "nested_linear_n" and padded is not None:
             try:
-                row["grouped_mm_padded_ms"] = time_ms(
-                    lambda: grouped_mm_padded(x, padded, plan.offsets), device, repeat=repeat
+                padded_stats = time_all(
+                    {"grouped_mm_padded": lambda: grouped_mm_padded(x, padded, plan.offsets)}, device, repeat
                 )
+                row.update(stats_columns(padded_stats))
             except (RuntimeError, TypeError) as error:
                 row["grouped_mm_padded_ms"] = f"unavailable: {str(error).splitlines()[0][:80]}"
         results.add(**row)

@@ -3,7 +3,7 @@ the nested MLP would need: with gate and up rows interleaved in blocks of 8, eve
 prefix of the stacked weight holds gate[:d] and up[:d].) Times x @ W_gate_up[:2d].T against
 x @ W_gate[:d].T plus x @ W_up[:d].T in the same run; writes JSON.
 
-    python -m benchmarks.gate_up_fusion_probe --out benchmarks/results/<date>-<device>
+    python -m benchmarks.probes.gate_up_fusion_probe --out benchmarks/results/<date>-<device>
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from flextron.benchmarks.common import CPU_SHAPES, GPU_SHAPES, device_name, time_ms
+from flextron.benchmarks.common import CPU_SHAPES, GPU_SHAPES, device_name, time_all
+from flextron.timing import stats_columns
 
 
 def interleave(gate: torch.Tensor, up: torch.Tensor, block: int = 8) -> torch.Tensor:
@@ -39,13 +40,14 @@ def main(argv: list[str] | None = None) -> Path:
             up = torch.randn(inner, hidden, device=args.device, dtype=dtype)
             stacked = interleave(gate, up)
             for width in (inner, inner // 2):
-                two = time_ms(
-                    lambda x=x, g=gate[:width], u=up[:width]: (x @ g.T, x @ u.T), args.device, repeat=15
-                )
-                one = time_ms(lambda x=x, s=stacked[: 2 * width]: x @ s.T, args.device, repeat=15)
+                fns = {
+                    "two_gemms": lambda x=x, g=gate[:width], u=up[:width]: (x @ g.T, x @ u.T),
+                    "one_gemm": lambda x=x, s=stacked[: 2 * width]: x @ s.T,
+                }
+                stats = time_all(fns, args.device, repeat=15)
+                one_over_two = stats["one_gemm"].median / stats["two_gemms"].median
                 rows.append(
-                    {"shape": name, "tokens": tokens, "width": width, "two_gemms_ms": two, "one_gemm_ms": one,
-                     "one_over_two": one / two}
+                    {"shape": name, "tokens": tokens, "width": width, **stats_columns(stats), "one_over_two": one_over_two}
                 )  # fmt: skip
                 print(rows[-1])
     args.out.mkdir(parents=True, exist_ok=True)
