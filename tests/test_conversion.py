@@ -11,7 +11,7 @@ import torch
 
 import flextron
 from flextron import data
-from flextron.budgets import BudgetResolver
+from flextron.budgets import BudgetResolver, choices_for_budget
 from flextron.checkpoint import load_elastic, stored_losses
 from flextron.conversion import (
     ConvertOptions,
@@ -22,7 +22,7 @@ from flextron.conversion import (
     load_hf,
 )
 from flextron.evaluation import evaluate_budgets, format_table
-from flextron.model import Routing, choices_for_budget
+from flextron.model import Routing
 from tests.conftest import require_embedded, require_module
 from tests.helpers import assert_close_to_fp64_model
 

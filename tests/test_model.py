@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flextron import reference
+from flextron.budgets import UniformLoss, choices_for_budget
 from flextron.conversion import (
     elastic_config_from_hf,
     export_hf,
@@ -17,7 +18,7 @@ from flextron.conversion import (
     importance,
     permute_by_importance,
 )
-from flextron.model import ElasticConfig, Routing, UniformLoss, choices_for_budget
+from flextron.model import ElasticConfig, Routing
 from tests.conftest import require_module
 
 transformers = require_module("transformers")

@@ -292,7 +292,7 @@ def test_joint_training_lowers_the_lm_loss(elastic, texts, tmp_path, table):
 
 
 def test_uniform_start_picks_the_best_fitting_uniform_subnetwork():
-    from flextron.model import UniformLoss
+    from flextron.budgets import UniformLoss
     from flextron.training import uniform_start
 
     # full = 1 + 2 * (4 + 2) = 13 ms; uniform (m, a): (0,0) 13, (0,1) 11, (1,0) 9, (1,1) 7
@@ -308,7 +308,7 @@ def test_uniform_start_picks_the_best_fitting_uniform_subnetwork():
 def test_routers_start_from_the_uniform_table(elastic, texts, tmp_path, table, router):
     config = TrainConfig(stage="routers", router=router, steps=1, lut=str(table), budgets=(1.0, 0.6), **SMALL)
     trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
-    from flextron.model import UniformLoss
+    from flextron.budgets import UniformLoss
     from flextron.training import uniform_start
 
     losses = [UniformLoss(**e) for e in trainer.record["uniform_losses"]]

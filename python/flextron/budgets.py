@@ -11,6 +11,8 @@ force one or the other.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,74 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from flextron.checkpoint import ROUTERS, CheckpointError, read_tensors, stored_losses
-from flextron.model import ElasticConfig, ElasticLM, Routing, UniformLoss, choices_for_budget
+from flextron.checkpoint import ROUTERS, CheckpointError, read_tensors
+from flextron.model import ElasticConfig, ElasticLM, Routing
 from flextron.routers import StaticRouter, TokenRouter, TokenRouting, load_router_state
 
 RoutingMethod = Literal["auto", "router", "uniform"]
 ROUTING_METHODS: tuple[str, ...] = get_args(RoutingMethod)
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """The static sub-network picked for a budget (same choice in every layer)."""
+
+    budget: float
+    mlp: int
+    attention: int
+    active_fraction: float  # its layer weights / the full model's layer weights
+
+
+@dataclass(frozen=True)
+class UniformLoss:
+    """The calibration loss of one uniform sub-network (same choices in every layer)."""
+
+    mlp: int
+    attention: int
+    loss: float
+
+
+def choices_for_budget(
+    config: ElasticConfig, budget: float, losses: Sequence[UniformLoss] | None = None
+) -> BudgetChoice:
+    """The uniform static sub-network for ``budget``: its transformer-layer weights are at most
+    ``budget`` times the full model's (embeddings and head excluded: they do not shrink).
+
+    With ``losses`` (measured at conversion on calibration text, see
+    :func:`flextron.conversion.uniform_losses`), the one with the lowest loss among those that
+    fit; so a larger budget never picks a worse sub-network. Without, the largest that fits.
+    Trained static routers (per-layer choices) replace this table.
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    fractions = {
+        (m, a): config.layer_fraction(m, a)
+        for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_choices)))
+    }
+    best = lowest_loss_within(fractions, budget + 1e-9, losses or [])
+    if best is None:
+        raise ValueError(
+            f"budget {budget} is below the smallest sub-network "
+            f"({config.smallest_fraction():.3f} of the full layers)"
+        )
+    return BudgetChoice(budget, *best, fractions[best])
+
+
+def lowest_loss_within(
+    costs: dict[tuple[int, int], float], limit: float, losses: Sequence[UniformLoss]
+) -> tuple[int, int] | None:
+    """Among the uniform (MLP, attention) choices whose cost is at most ``limit``, the one
+    with the lowest calibration loss; on equal (or unknown) losses the costliest, i.e. the
+    widest. None if none fits."""
+    loss_of = {(entry.mlp, entry.attention): entry.loss for entry in losses}
+    fitting = [(loss_of.get(pair, math.inf), -cost, pair) for pair, cost in costs.items() if cost <= limit]
+    return min(fitting)[2] if fitting else None
+
+
+def stored_losses(record: dict[str, Any]) -> list[UniformLoss]:
+    """The uniform sub-network losses saved in a checkpoint's metadata (checked when it was
+    loaded; empty if none)."""
+    return [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from flextron.model import ElasticConfig, ElasticLM, UniformLoss
+from flextron.model import ElasticConfig, ElasticLM
 from flextron.outputs import user_permissions
 
 FORMAT = "flextron-elastic"
@@ -208,11 +208,6 @@ def check_metadata(record: dict[str, Any], config: ElasticConfig, path: Path) ->
 
 def _is_index(value: Any, count: int) -> bool:
     return type(value) is int and 0 <= value < count
-
-
-def stored_losses(record: dict[str, Any]) -> list[UniformLoss]:
-    """The uniform sub-network losses saved in a checkpoint's metadata (empty if none)."""
-    return [UniformLoss(**entry) for entry in record.get("uniform_losses", [])]
 
 
 def load_elastic(

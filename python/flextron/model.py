@@ -167,62 +167,6 @@ class Routing:
         return all(isinstance(c, int) for c in itertools.chain(self.mlp, self.attention))
 
 
-@dataclass(frozen=True)
-class BudgetChoice:
-    """The static sub-network picked for a budget (same choice in every layer)."""
-
-    budget: float
-    mlp: int
-    attention: int
-    active_fraction: float  # its layer weights / the full model's layer weights
-
-
-@dataclass(frozen=True)
-class UniformLoss:
-    """The calibration loss of one uniform sub-network (same choices in every layer)."""
-
-    mlp: int
-    attention: int
-    loss: float
-
-
-def choices_for_budget(
-    config: ElasticConfig, budget: float, losses: Sequence[UniformLoss] | None = None
-) -> BudgetChoice:
-    """The uniform static sub-network for ``budget``: its transformer-layer weights are at most
-    ``budget`` times the full model's (embeddings and head excluded: they do not shrink).
-
-    With ``losses`` (measured at conversion on calibration text, see
-    :func:`flextron.conversion.uniform_losses`), the one with the lowest loss among those that
-    fit; so a larger budget never picks a worse sub-network. Without, the largest that fits.
-    Trained static routers (per-layer choices) replace this table.
-    """
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    fractions = {
-        (m, a): config.layer_fraction(m, a)
-        for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_choices)))
-    }
-    best = lowest_loss_within(fractions, budget + 1e-9, losses or [])
-    if best is None:
-        raise ValueError(
-            f"budget {budget} is below the smallest sub-network "
-            f"({config.smallest_fraction():.3f} of the full layers)"
-        )
-    return BudgetChoice(budget, *best, fractions[best])
-
-
-def lowest_loss_within(
-    costs: dict[tuple[int, int], float], limit: float, losses: Sequence[UniformLoss]
-) -> tuple[int, int] | None:
-    """Among the uniform (MLP, attention) choices whose cost is at most ``limit``, the one
-    with the lowest calibration loss; on equal (or unknown) losses the costliest, i.e. the
-    widest. None if none fits."""
-    loss_of = {(entry.mlp, entry.attention): entry.loss for entry in losses}
-    fitting = [(loss_of.get(pair, math.inf), -cost, pair) for pair, cost in costs.items() if cost <= limit]
-    return min(fitting)[2] if fitting else None
-
-
 class RMSNorm(nn.Module):
     """Llama's RMSNorm: normalized in fp32, scaled in the input dtype (as Hugging Face does)."""
 
@@ -453,12 +397,9 @@ class ElasticLM(nn.Module):
             logits = logits.masked_fill(logits < kth, -math.inf)
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
-    def num_parameters(self, routing_choice: BudgetChoice | None = None) -> int:
-        """Parameters the model uses: all of them, or a uniform static sub-network's."""
-        if routing_choice is None:
-            return sum(p.numel() for p in self.parameters())
-        layers = self.config.num_layers
-        return self.active_parameters([routing_choice.mlp] * layers, [routing_choice.attention] * layers)
+    def num_parameters(self) -> int:
+        """All the model's parameters (:meth:`active_parameters`: a static routing's)."""
+        return sum(p.numel() for p in self.parameters())
 
     def active_parameters(self, mlp_choices: Sequence[int], attention_choices: Sequence[int]) -> int:
         """Parameters a static routing uses (one MLP and one head choice per layer)."""

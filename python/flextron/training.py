@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from flextron.budgets import BudgetResolver, router_metadata
+from flextron.budgets import BudgetResolver, UniformLoss, lowest_loss_within, router_metadata, stored_losses
 from flextron.checkpoint import (
     ROUTERS,
     CheckpointError,
@@ -54,12 +54,11 @@ from flextron.checkpoint import (
     optimizer_tensors,
     read_tensors,
     save_elastic,
-    stored_losses,
 )
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss, next_token_loss
 from flextron.latency import LatencyTable, measure
-from flextron.model import ElasticLM, Routing, UniformLoss, lowest_loss_within
+from flextron.model import ElasticLM, Routing
 from flextron.outputs import DirectoryLock, OutputError, check_not_source
 from flextron.routers import RouterOutput, StaticRouter, TokenRouter, load_router_state
 from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_device, resolve_dtype
