@@ -209,6 +209,10 @@ class ElasticAttention(nn.Module):
         )
         self.register_buffer("head_counts", torch.tensor(self.head_choices, device=device), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Rebuild the unsaved buffer (after loading into a model built on the meta device)."""
+        self.head_counts = torch.tensor(self.head_choices)
+
     @property
     def hidden_size(self) -> int:
         return self.qkv_proj.in_features

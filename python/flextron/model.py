@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from flextron.kv_cache import KVCache, default_positions
 from flextron.layers import ElasticAttention, ElasticMLP
 from flextron.ops import ACTIVATIONS
-from flextron.rope import RopeScaling, RotaryEmbedding, rope_frequencies
+from flextron.rope import RopeScaling, RotaryEmbedding
 
 Architecture = Literal["llama", "gpt2"]
 Choice = int | Tensor
@@ -267,12 +267,9 @@ class ElasticLM(nn.Module):
     def finish_loading(self, device: torch.device | str) -> None:
         """After weights were assigned into a model built on the meta device: move it to
         ``device``, tie the output head and rebuild the buffers that are not saved."""
-        if self.rotary is not None:
-            self.rotary.inv_freq = rope_frequencies(
-                self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
-            )
-        for layer in self.layers:
-            layer.attention.head_counts = torch.tensor(layer.attention.head_choices)
+        for module in self.modules():
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.to(device)

@@ -73,6 +73,10 @@ class RotaryEmbedding(nn.Module):
         self.scaling = scaling
         self.register_buffer("inv_freq", rope_frequencies(head_dim, theta, scaling), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Recompute the unsaved buffer (after loading into a model built on the meta device)."""
+        self.inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)
+
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(position_ids.device)
         angles = torch.cat((freqs, freqs), dim=-1)
