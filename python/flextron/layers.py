@@ -25,6 +25,9 @@ from flextron.ops import (
 )
 from flextron.rope import RopeScaling, RotaryEmbedding, apply_rotary
 
+# A call's position_ids [B, S] and precomputed (cos, sin); either may be None.
+Positions = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
+
 
 class ElasticMLP(nn.Module):
     """A nested MLP: width choice ``g`` uses the first ``widths[g]`` hidden neurons.
@@ -261,55 +264,48 @@ class ElasticAttention(nn.Module):
             raise ValueError(f"x must be [batch, seq, {self.hidden_size}], got shape {tuple(x.shape)}")
         batch, steps, _ = x.shape
         valid = self._valid_mask(attention_mask, batch, steps, x.device)
+        positions = (position_ids, position_embeddings)
         mode = self._routing_mode(choice, batch, steps)
+        if mode == "static":
+            return self._forward_static(x, self._static_heads(choice), valid, cache, positions)
+        return self._forward_routed(x, choice, mode, valid, cache, positions)
+
+    def _forward_static(
+        self, x: Tensor, heads: int, valid: Tensor | None, cache: KVCache | None, positions: Positions
+    ) -> Tensor:
+        """One head count for every token: the weights' prefixes, one SDPA over kept heads."""
+        batch, steps, _ = x.shape
+        width = self.kv_size + heads * self.head_dim
+        bias = self.qkv_proj.bias[:width] if self.qkv_proj.bias is not None else None
+        qkv = nn.functional.linear(x, self.qkv_proj.weight[:width], bias)
+        q, k, v, key_valid = self._attention_inputs(qkv, heads, valid, cache, positions)
+        kv_kept = heads // (self.num_heads // self.num_kv_heads)
+        mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
+        out = banded_attention(q, k[:, :kv_kept], v[:, :kv_kept], [heads], mask, is_causal)
+        out = self.heads_probe(out.transpose(1, 2)).reshape(batch, steps, heads * self.head_dim)
+        return nn.functional.linear(out, self.o_proj.weight[:, : heads * self.head_dim], self.o_proj.bias)
+
+    def _forward_routed(
+        self,
+        x: Tensor,
+        choice: Tensor,
+        mode: str,
+        valid: Tensor | None,
+        cache: KVCache | None,
+        positions: Positions,
+    ) -> Tensor:
+        """A head count per sequence ([B]) or per token ([B, S]): routed nested GEMMs around
+        attention per head band (or FlexAttention for tokens)."""
+        batch, steps, _ = x.shape
         bands = self._band_sequences(choice) if mode == "sequence" else None
-        if mode == "static":
-            heads = self._static_heads(choice)
-            qkv = nn.functional.linear(
-                x,
-                self.qkv_proj.weight[: self.kv_size + heads * self.head_dim],
-                self.qkv_proj.bias[: self.kv_size + heads * self.head_dim]
-                if self.qkv_proj.bias is not None
-                else None,
-            )
-            plan = None
-        else:
-            heads = self.num_heads
-            token_choice = choice[:, None].expand(batch, steps) if mode == "sequence" else choice
-            plan = route_plan(token_choice.reshape(-1), self.head_choices)
-            widths = self.qkv_widths()
-            tokens = permute(x.reshape(batch * steps, -1), plan)
-            qkv = nested_linear_n(tokens, self.qkv_proj.weight, plan.offsets, widths)
-            if self.qkv_proj.bias is not None:
-                qkv = qkv + self.qkv_proj.bias  # columns past a token's width are never read
-            qkv = unpermute(qkv, plan).reshape(batch, steps, -1)
-
-        kv_heads = self.num_kv_heads
-        k = qkv[..., : self.kv_size // 2].reshape(batch, steps, kv_heads, self.head_dim)
-        v = qkv[..., self.kv_size // 2 : self.kv_size].reshape(batch, steps, kv_heads, self.head_dim)
-        q = qkv[..., self.kv_size :].reshape(batch, steps, heads, self.head_dim)
-        if position_embeddings is not None or self.rotary is not None:
-            if position_embeddings is None:
-                if position_ids is None:
-                    position_ids = default_positions(valid, cache, batch, steps, x.device)
-                position_embeddings = self.rotary(position_ids)
-            cos, sin = position_embeddings
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        key_valid = valid
-        if cache is not None:
-            k, v, cached_valid = cache.update(k, v, valid)
-            key_valid = cached_valid if cache.padded else None
-
-        if mode == "static":
-            group = self.num_heads // kv_heads
-            mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
-            out = banded_attention(
-                q, k[:, : heads // group], v[:, : heads // group], [heads], mask, is_causal
-            )
-            out = self.heads_probe(out.transpose(1, 2)).reshape(batch, steps, heads * self.head_dim)
-            return nn.functional.linear(out, self.o_proj.weight[:, : heads * self.head_dim], self.o_proj.bias)
-
+        token_choice = choice[:, None].expand(batch, steps) if mode == "sequence" else choice
+        plan = route_plan(token_choice.reshape(-1), self.head_choices)
+        tokens = permute(x.reshape(batch * steps, -1), plan)
+        qkv = nested_linear_n(tokens, self.qkv_proj.weight, plan.offsets, self.qkv_widths())
+        if self.qkv_proj.bias is not None:
+            qkv = qkv + self.qkv_proj.bias  # columns past a token's width are never read
+        qkv = unpermute(qkv, plan).reshape(batch, steps, -1)
+        q, k, v, key_valid = self._attention_inputs(qkv, self.num_heads, valid, cache, positions)
         if mode == "token" and self.attention_backend == "flex":
             if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
                 raise NotImplementedError(
@@ -320,12 +316,36 @@ class ElasticAttention(nn.Module):
         else:
             mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
             out = banded_attention(q, k, v, self.head_choices, mask, is_causal, bands)
-        out = out.transpose(1, 2).reshape(batch * steps, heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch * steps, self.num_heads * self.head_dim)
         widths = [h * self.head_dim for h in self.head_choices]
         y = nested_linear_k(permute(out, plan), self.o_proj.weight, plan.offsets, widths)
         if self.o_proj.bias is not None:
             y = y + self.o_proj.bias
         return unpermute(y, plan).reshape(batch, steps, -1)
+
+    def _attention_inputs(
+        self, qkv: Tensor, heads: int, valid: Tensor | None, cache: KVCache | None, positions: Positions
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``qkv [B, S, kv_size + heads * head_dim]`` -> ``q, k, v`` as ``[B, heads, S, D]``
+        with RoPE applied and the cache updated, and the keys' validity mask."""
+        (position_ids, position_embeddings), (batch, steps) = positions, qkv.shape[:2]
+        half = self.kv_size // 2
+        k = qkv[..., :half].reshape(batch, steps, self.num_kv_heads, self.head_dim)
+        v = qkv[..., half : self.kv_size].reshape(batch, steps, self.num_kv_heads, self.head_dim)
+        q = qkv[..., self.kv_size :].reshape(batch, steps, heads, self.head_dim)
+        if position_embeddings is not None or self.rotary is not None:
+            if position_embeddings is None:
+                if position_ids is None:
+                    position_ids = default_positions(valid, cache, batch, steps, qkv.device)
+                position_embeddings = self.rotary(position_ids)
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        key_valid = valid
+        if cache is not None:
+            k, v, cached_valid = cache.update(k, v, valid)
+            key_valid = cached_valid if cache.padded else None
+        return q, k, v, key_valid
 
     def _routing_mode(self, choice: int | Tensor, batch: int, steps: int) -> str:
         if isinstance(choice, int):
