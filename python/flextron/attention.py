@@ -34,6 +34,31 @@ def _flex(device_type: str) -> Callable:
     return _compiled_flex[device_type]
 
 
+def valid_mask(attention_mask: Tensor | None, batch: int, steps: int, device: torch.device) -> Tensor | None:
+    """A call's ``attention_mask [B, S]`` (1: real token, 0: padding) as booleans, checked."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (batch, steps):
+        raise ValueError(
+            f"attention_mask must be [batch={batch}, seq={steps}], got shape {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def band_sequences(choice: Tensor, count: int) -> list[Tensor | None]:
+    """For a head-choice index per sequence (``choice [B]``, of ``count`` choices), per head
+    band the sequences that use it (None: all)."""
+    choices = choice.tolist()
+    if any(not 0 <= c < count for c in choices):
+        raise ValueError(f"choice values must be in [0, {count}), got {choices}")
+    bands: list[Tensor | None] = []
+    for g in range(count):
+        rows = [b for b, c in enumerate(choices) if c <= g]
+        full = len(rows) == len(choices)
+        bands.append(None if full else torch.tensor(rows, dtype=torch.int64).to(choice.device))
+    return bands
+
+
 def causal_mask(
     query_length: int, key_length: int, key_valid: Tensor | None, device: torch.device
 ) -> tuple[Tensor | None, bool]:

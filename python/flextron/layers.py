@@ -9,7 +9,13 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from flextron.attention import banded_attention, causal_mask, token_routed_flex_attention
+from flextron.attention import (
+    band_sequences,
+    banded_attention,
+    causal_mask,
+    token_routed_flex_attention,
+    valid_mask,
+)
 from flextron.kv_cache import KVCache, default_positions
 from flextron.ops import (
     ACTIVATIONS,
@@ -263,7 +269,7 @@ class ElasticAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [batch, seq, {self.hidden_size}], got shape {tuple(x.shape)}")
         batch, steps, _ = x.shape
-        valid = self._valid_mask(attention_mask, batch, steps, x.device)
+        valid = valid_mask(attention_mask, batch, steps, x.device)
         positions = (position_ids, position_embeddings)
         mode = self._routing_mode(choice, batch, steps)
         if mode == "static":
@@ -297,7 +303,7 @@ class ElasticAttention(nn.Module):
         """A head count per sequence ([B]) or per token ([B, S]): routed nested GEMMs around
         attention per head band (or FlexAttention for tokens)."""
         batch, steps, _ = x.shape
-        bands = self._band_sequences(choice) if mode == "sequence" else None
+        bands = band_sequences(choice, len(self.head_choices)) if mode == "sequence" else None
         token_choice = choice[:, None].expand(batch, steps) if mode == "sequence" else choice
         plan = route_plan(token_choice.reshape(-1), self.head_choices)
         tokens = permute(x.reshape(batch * steps, -1), plan)
@@ -367,30 +373,6 @@ class ElasticAttention(nn.Module):
         if not 0 <= choice < len(self.head_choices):
             raise ValueError(f"choice must be in [0, {len(self.head_choices)}), got {choice}")
         return self.head_choices[choice]
-
-    def _band_sequences(self, choice: Tensor) -> list[Tensor | None]:
-        """Per head band, the sequences that use it (None: all)."""
-        choices = choice.tolist()
-        if any(not 0 <= c < len(self.head_choices) for c in choices):
-            raise ValueError(f"choice values must be in [0, {len(self.head_choices)}), got {choices}")
-        bands: list[Tensor | None] = []
-        for g in range(len(self.head_choices)):
-            rows = [b for b, c in enumerate(choices) if c <= g]
-            full = len(rows) == len(choices)
-            bands.append(None if full else torch.tensor(rows, dtype=torch.int64).to(choice.device))
-        return bands
-
-    @staticmethod
-    def _valid_mask(
-        attention_mask: Tensor | None, batch: int, steps: int, device: torch.device
-    ) -> Tensor | None:
-        if attention_mask is None:
-            return None
-        if attention_mask.shape != (batch, steps):
-            raise ValueError(
-                f"attention_mask must be [batch={batch}, seq={steps}], got shape {tuple(attention_mask.shape)}"
-            )
-        return attention_mask.to(device=device, dtype=torch.bool)
 
     def extra_repr(self) -> str:
         return (
