@@ -33,12 +33,12 @@ class BudgetResult:
     seconds: float
 
 
-@torch.no_grad()
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of each position's logits against the next token (in fp32)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
 
 
+@torch.no_grad()
 def mean_loss(
     model: ElasticLM,
     batches: Sequence[torch.Tensor],
