@@ -7,10 +7,13 @@ the probabilities) only while its error on fresh samples is under a threshold.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from flextron.checkpoint import load_optimizer, optimizer_tensors
 
 
 class Surrogate(nn.Module):
@@ -74,3 +77,30 @@ class SurrogateTrainer:
 
     def ready(self, threshold: float) -> bool:
         return self.error is not None and self.error < threshold
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, meta)``: the network, its optimizer and the kept samples as tensors;
+        the optimizer's non-tensor state and the running error as JSON-able values."""
+        tensors = {f"net.{k}": v for k, v in self.surrogate.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
+        tensors |= {f"optimizer.{k}": v for k, v in opt_tensors.items()}
+        if self.samples:
+            tensors["samples.features"] = torch.stack([f for f, _ in self.samples])
+            tensors["samples.losses"] = torch.tensor([loss for _, loss in self.samples], dtype=torch.float64)
+        return tensors, {"error": self.error, "optimizer": opt_meta}
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a mismatch raises KeyError, TypeError,
+        ValueError or RuntimeError)."""
+        self.surrogate.load_state_dict(
+            {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+        )
+        opt_tensors = {
+            k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")
+        }
+        load_optimizer(self.optimizer, opt_tensors, meta["optimizer"])
+        self.samples.clear()
+        if "samples.features" in tensors:
+            pairs = zip(tensors["samples.features"], tensors["samples.losses"].tolist(), strict=True)
+            self.samples.extend((f, loss) for f, loss in pairs)
+        self.error = None if meta["error"] is None else float(meta["error"])

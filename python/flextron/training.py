@@ -36,7 +36,6 @@ import tomllib
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from flextron.budgets import BudgetResolver, UniformLoss, lowest_loss_within, router_metadata, stored_losses
@@ -56,12 +55,13 @@ from flextron.checkpoint import (
     save_elastic,
 )
 from flextron.data import Text, token_windows
-from flextron.evaluation import mean_loss, next_token_loss
+from flextron.evaluation import mean_loss
 from flextron.latency import LatencyTable, measure
-from flextron.model import ElasticLM, Routing
+from flextron.model import ElasticLM
 from flextron.outputs import DirectoryLock, OutputError, check_not_source
-from flextron.routers import RouterOutput, StaticRouter, TokenRouter, load_router_state
+from flextron.routers import StaticRouter, TokenRouter, load_router_state
 from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_device, resolve_dtype
+from flextron.stages import Batch, ElasticStage, JointStage, RouterStage, temperature
 from flextron.surrogate import Surrogate, SurrogateTrainer
 
 Stage = Literal["elastic", "routers", "joint"]
@@ -218,35 +218,10 @@ def learning_rate(config: TrainConfig, base: float, step: int) -> float:
     return base * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def temperature(config: TrainConfig, step: int) -> float:
-    """Exponential annealing from ``temperature_start`` to ``temperature_end``."""
-    fraction = step / max(1, config.steps - 1)
-    return config.temperature_start * (config.temperature_end / config.temperature_start) ** fraction
-
-
 def generator_for(config: TrainConfig, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
     """A generator that depends only on its arguments (so a resumed run draws the same)."""
     seed = (((config.seed * 1_000_003 + step) * 1009 + micro) * 101 + rank) * 7 + purpose
     return torch.Generator().manual_seed(seed % (2**63))
-
-
-def sample_subnetwork(config: TrainConfig, model_config, generator: torch.Generator) -> Routing:
-    layers = model_config.num_layers
-    if torch.rand((), generator=generator) < config.p_full:
-        return Routing.uniform(layers)
-    mlp_choices, head_choices = len(model_config.mlp_widths), len(model_config.head_choices)
-    count = 1 if config.sample == "global" else layers
-    mlp = torch.randint(mlp_choices, (count,), generator=generator).tolist()
-    attention = torch.randint(head_choices, (count,), generator=generator).tolist()
-    if count == 1:
-        return Routing.uniform(layers, mlp[0], attention[0])
-    return Routing(mlp, attention)
-
-
-def kl_to_teacher(logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    student = F.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
-    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def uniform_start(table: LatencyTable, budget: float, losses: Sequence[UniformLoss]) -> tuple[int, int]:
@@ -259,15 +234,6 @@ def uniform_start(table: LatencyTable, budget: float, losses: Sequence[UniformLo
     }
     best = lowest_loss_within(latencies, budget * table.full_ms() * (1 + 1e-9), losses)
     return best if best is not None else min(latencies, key=latencies.get)
-
-
-def routing_from(output: RouterOutput) -> Routing:
-    return Routing(output.mlp_choice, output.attention_choice, output.mlp_scale, output.attention_scale)
-
-
-def latency_penalty(table: LatencyTable, output: RouterOutput, budget: float) -> tuple[Tensor, Tensor]:
-    expected = table.expected_ms(output.mlp_probs, output.attention_probs)
-    return (expected / (budget * table.full_ms()) - 1).abs(), expected
 
 
 class Windows:
@@ -365,6 +331,9 @@ def truncate_log(log: Path, step: int) -> None:
 
 
 class Trainer:
+    """One training stage on one elastic checkpoint (see :func:`train`): :meth:`run` is the
+    loop, :meth:`step` one optimizer step, the stage object (flextron.stages) the loss."""
+
     def __init__(
         self,
         config: TrainConfig,
@@ -375,98 +344,128 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
     ) -> None:
-        self.config = config
-        self.out_dir = Path(out_dir)
-        self.progress = progress
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = resolve_device(config.device)
-
-        source = Path(checkpoint)
         self.start_step = 0
+        resume_from = self._open(Path(checkpoint), resume)
+        self._read_texts(texts, eval_texts, resume_from)
+        self.router, router_loaded = self._build_router(resume_from or Path(checkpoint))
+        self.teacher = None
+        if config.stage == "elastic" and "kl" in config.loss:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.trained_model = self._trained_model()
+        self.optimizer = self._build_optimizer()
+        self.table: LatencyTable | None = None
+        self.surrogate: SurrogateTrainer | None = None
+        if self.router is not None:
+            self._prepare_routers(resume_from, router_loaded)
+        self.stage = self._build_stage()
+        self.result = TrainResult(self.out_dir)
+        if resume_from is not None:
+            self._load_training_state(resume_from)
+
+    # -- setup ----------------------------------------------------------------------
+
+    def _open(self, source: Path, resume: bool) -> Path | None:
+        """Load the model and tokenizer (from the run's latest checkpoint when resuming, whose
+        settings must match); returns that checkpoint, or None for a new run."""
         resume_from = latest_checkpoint(self.out_dir) if resume else None
         if resume and resume_from is None:
             raise CheckpointError(f"--resume: {self.out_dir} holds no checkpoint to resume from")
         self.model, self.record = load_elastic(resume_from or source, device=self.device)
         if resume_from is not None:
-            check_resumable(self.record.get("training", {}).get("config", {}), config, self.out_dir)
+            check_resumable(self.record.get("training", {}).get("config", {}), self.config, self.out_dir)
         self.tokenizer = load_tokenizer(resume_from or source)
-        eos = self.model.config.eos_token_id
-        windows = list(
+        return resume_from
+
+    def _read_texts(
+        self, texts: Sequence[Text], eval_texts: Sequence[Text], resume_from: Path | None
+    ) -> None:
+        config, eos = self.config, self.model.config.eos_token_id
+        windows = next(
             token_windows(self.tokenizer, texts, config.seq_len, config.train_tokens, 1 << 30, eos)
         )
-        self.windows = Windows(windows[0], config.seed)
-        self.data_fingerprint = hashlib.sha256(windows[0].numpy().tobytes()).hexdigest()[:16]
+        self.windows = Windows(windows, config.seed)
+        self.data_fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
         if resume_from is not None:
             check_same_data(self.record.get("training", {}), self.data_fingerprint, self.out_dir)
-        self.probe = windows[0][: max(config.batch_size, 4)]  # the router stage's fixed batch
-        self.eval_batches = (
-            list(
+        self.probe = windows[: max(config.batch_size, 4)].to(self.device)  # the router stage's fixed batch
+        self.eval_batches = []
+        if eval_texts:
+            self.eval_batches = list(
                 token_windows(
-                    self.tokenizer,
-                    eval_texts,
-                    config.seq_len,
-                    config.eval_tokens,
-                    config.batch_size,
-                    eos,
+                    self.tokenizer, eval_texts, config.seq_len, config.eval_tokens, config.batch_size, eos,
                     flag="--eval-data",
                 )
-            )
-            if eval_texts
-            else []
-        )
+            )  # fmt: skip
 
-        model_config = self.model.config
-        self.router: StaticRouter | TokenRouter | None = None
-        router_loaded = False
-        if config.stage in ("routers", "joint"):
-            kind = StaticRouter if config.router == "static" else TokenRouter
-            with torch.random.fork_rng(devices=[]):  # initialized from the run's seed alone
-                torch.manual_seed(config.seed)
-                self.router = kind(model_config, config.budgets, config.router_hidden).to(self.device)
-            saved = (resume_from or source) / ROUTERS
-            if saved.is_file() and router_metadata(self.record) == self._router_signature():
-                load_router_state(self.router, read_tensors(saved, self.device))
-                router_loaded = True
+    def _build_router(self, source: Path) -> tuple[StaticRouter | TokenRouter | None, bool]:
+        """The routers of a router stage (seeded), continuing those saved with the source when
+        they have the same kind, budgets and size; ``(router, loaded)``."""
+        config = self.config
+        if config.stage not in ("routers", "joint"):
+            return None, False
+        kind = StaticRouter if config.router == "static" else TokenRouter
+        with torch.random.fork_rng(devices=[]):  # initialized from the run's seed alone
+            torch.manual_seed(config.seed)
+            router = kind(self.model.config, config.budgets, config.router_hidden).to(self.device)
+        saved = source / ROUTERS
+        if saved.is_file() and router_metadata(self.record) == self._router_signature():
+            load_router_state(router, read_tensors(saved, self.device))
+            return router, True
+        return router, False
 
-        self.teacher = None
-        if config.stage == "elastic" and "kl" in config.loss:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-
-        train_model = config.stage in ("elastic", "joint")
+    def _trained_model(self) -> nn.Module:
+        train_model = self.config.stage in ("elastic", "joint")
         self.model.requires_grad_(train_model)
         self.model.train(train_model)
-        self.trained_model = self._parallel(self.model) if train_model else self.model
+        return self._parallel(self.model) if train_model else self.model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = []
-        if train_model:
-            groups.append({"params": [p for p in self.model.parameters()], "lr": config.lr, "name": "model"})
+        if self.config.stage in ("elastic", "joint"):
+            groups.append({"params": list(self.model.parameters()), "lr": self.config.lr, "name": "model"})
         if self.router is not None:
             groups.append(
-                {"params": list(self.router.parameters()), "lr": config.router_lr, "name": "router"}
+                {"params": list(self.router.parameters()), "lr": self.config.router_lr, "name": "router"}
             )
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
 
-        self.table: LatencyTable | None = None
-        self.surrogate: SurrogateTrainer | None = None
-        if self.router is not None:
-            self.table = self._latency_table(resume_from)
-            if not router_loaded:
-                losses = stored_losses(self.record)
-                starts = [uniform_start(self.table, budget, losses) for budget in self.router.encode.budgets]
-                self.router.warm_start(starts, config.router_prior)
-            if config.stage == "routers":
-                features = model_config.num_layers * (
-                    len(model_config.mlp_widths) + len(model_config.head_choices)
-                )
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(config.seed + 1)
-                    self.surrogate = SurrogateTrainer(Surrogate(features))
+    def _prepare_routers(self, resume_from: Path | None, router_loaded: bool) -> None:
+        """The latency table; fresh routers start from each budget's best uniform sub-network;
+        the router stage gets its surrogate (seeded)."""
+        self.table = self._latency_table(resume_from)
+        if not router_loaded:
+            losses = stored_losses(self.record)
+            starts = [uniform_start(self.table, budget, losses) for budget in self.router.encode.budgets]
+            self.router.warm_start(starts, self.config.router_prior)
+        if self.config.stage == "routers":
+            model_config = self.model.config
+            features = model_config.num_layers * (
+                len(model_config.mlp_widths) + len(model_config.head_choices)
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed + 1)
+                self.surrogate = SurrogateTrainer(Surrogate(features))
 
-        self.result = TrainResult(self.out_dir)
-        if resume_from is not None:
-            self._load_training_state(resume_from)
-
-    # -- setup helpers --------------------------------------------------------------
+    def _build_stage(self) -> ElasticStage | RouterStage | JointStage:
+        config = self.config
+        if config.stage == "elastic":
+            return ElasticStage(self.trained_model, config, self.model.config, self.teacher, self._autocast)
+        if config.stage == "routers":
+            return RouterStage(
+                self.model,
+                self.router,
+                self.probe,
+                self.surrogate,
+                self.table,
+                config,
+                self.world,
+                self._autocast,
+            )
+        return JointStage(self.trained_model, self.router, self.table, config, self._autocast)
 
     def _parallel(self, model: ElasticLM) -> nn.Module:
         if self.world == 1:
@@ -515,6 +514,7 @@ class Trainer:
     # -- one step -------------------------------------------------------------------
 
     def step(self, step: int) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches: ``(mean loss, last info)``."""
         config = self.config
         for group in self.optimizer.param_groups:
             base = config.lr if group["name"] == "model" else config.router_lr
@@ -522,18 +522,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, info = 0.0, {}
         for micro in range(config.grad_accum):
-            ids = self.windows.batch(
-                step * config.grad_accum + micro, config.batch_size, self.rank, self.world
+            ids = None
+            if self.stage.needs_batch:
+                index = step * config.grad_accum + micro
+                ids = self.windows.batch(index, config.batch_size, self.rank, self.world).to(self.device)
+            batch = Batch(
+                ids,
+                generator_for(config, step, micro, self.rank, 0),
+                generator_for(config, step, micro, self.rank, 1),
             )
-            ids = ids.to(self.device)
-            sample_gen = generator_for(config, step, micro, self.rank, 0)
-            noise_gen = generator_for(config, step, micro, self.rank, 1)
-            if config.stage == "elastic":
-                loss = self._elastic_loss(ids, sample_gen)
-            elif config.stage == "routers":
-                loss, info = self._router_loss(ids, step, sample_gen, noise_gen)
-            else:
-                loss, info = self._joint_loss(ids, step, sample_gen, noise_gen)
+            loss, info = self.stage.loss(batch, step)
             if loss.requires_grad:
                 (loss / config.grad_accum).backward()
             total += float(info.get("lm_loss", loss.item())) / config.grad_accum
@@ -543,69 +541,6 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             self.optimizer.step()
         return total, info
-
-    def _elastic_loss(self, ids: Tensor, generator: torch.Generator) -> Tensor:
-        routing = sample_subnetwork(self.config, self.model.config, generator)
-        with self._autocast():
-            logits = self.trained_model(ids, routing)
-            loss = next_token_loss(logits, ids) if "ce" in self.config.loss else logits.new_zeros(())
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(ids)
-                loss = loss + kl_to_teacher(logits, teacher_logits)
-        return loss
-
-    def _budget(self, generator: torch.Generator) -> float:
-        return self.config.budgets[int(torch.randint(len(self.config.budgets), (), generator=generator))]
-
-    def _route(self, budget: float, step: int, generator: torch.Generator):
-        tau = temperature(self.config, step)
-        if isinstance(self.router, StaticRouter):
-            output = self.router(budget, tau, generator)
-            return routing_from(output), output
-        routing = self.router.route(budget, tau, generator)
-        return routing, None
-
-    def _router_loss(self, ids, step, sample_gen, noise_gen) -> tuple[Tensor, dict[str, float]]:
-        # The frozen model's loss is measured on one fixed probe batch, so that it depends on
-        # the routing alone and the surrogate can learn it (batch-to-batch noise would not fit).
-        budget = self._budget(sample_gen)
-        routing, output = self._route(budget, step, noise_gen)
-        probe = self.probe.to(self.device)
-        with torch.no_grad() if output is not None else torch.enable_grad(), self._autocast():
-            measured = next_token_loss(self.model(probe, routing), probe).item()
-        output = output or routing.output()
-        fit = 0.0
-        for features, loss in self._gather(output.features().detach(), measured):
-            fit = self.surrogate.observe(features, loss, generator=sample_gen)
-        penalty, expected = latency_penalty(self.table, output, budget)
-        info = {"lm_loss": measured, "latency_ms": expected.item(), "budget": budget, "surrogate_fit": fit}
-        info["surrogate_error"] = self.surrogate.error or 0.0
-        if not self.surrogate.ready(self.config.surrogate_threshold):
-            return penalty.detach(), info  # routers wait for a surrogate they can trust
-        predicted = self.surrogate.surrogate(output.features().float())
-        return predicted + self.config.latency_weight * penalty, info
-
-    def _gather(self, features: Tensor, loss: float) -> list[tuple[Tensor, float]]:
-        """Every rank's (features, measured loss), in rank order: each rank fits its own copy
-        of the surrogate on the same samples, so the copies stay identical."""
-        if self.world == 1:
-            return [(features, loss)]
-        all_features = [torch.empty_like(features) for _ in range(self.world)]
-        dist.all_gather(all_features, features.contiguous())
-        all_losses = [torch.zeros((), dtype=torch.float64, device=features.device) for _ in range(self.world)]
-        dist.all_gather(all_losses, torch.tensor(loss, dtype=torch.float64, device=features.device))
-        return [(f, float(v)) for f, v in zip(all_features, all_losses, strict=True)]
-
-    def _joint_loss(self, ids, step, sample_gen, noise_gen) -> tuple[Tensor, dict[str, float]]:
-        budget = self._budget(sample_gen)
-        routing, output = self._route(budget, step, noise_gen)
-        with self._autocast():
-            loss = next_token_loss(self.trained_model(ids, routing), ids)
-        output = output or routing.output()
-        penalty, expected = latency_penalty(self.table, output, budget)
-        info = {"lm_loss": loss.item(), "latency_ms": expected.item(), "budget": budget}
-        return loss + self.config.latency_weight * penalty, info
 
     def _autocast(self):
         dtype = resolve_dtype(self.config.dtype, self.device)
@@ -701,17 +636,8 @@ class Trainer:
         state: dict[str, Any] = {"step": step + 1, "optimizer": meta, "losses": self.result.losses}
         state["evaluations"] = self.result.evaluations
         if self.surrogate is not None:
-            samples = self.surrogate.samples
-            surrogate_tensors = {f"net.{k}": v for k, v in self.surrogate.surrogate.state_dict().items()}
-            opt_tensors, opt_meta = optimizer_tensors(self.surrogate.optimizer)
-            surrogate_tensors |= {f"optimizer.{k}": v for k, v in opt_tensors.items()}
-            if samples:
-                surrogate_tensors["samples.features"] = torch.stack([f for f, _ in samples])
-                surrogate_tensors["samples.losses"] = torch.tensor(
-                    [loss for _, loss in samples], dtype=torch.float64
-                )
+            surrogate_tensors, state["surrogate"] = self.surrogate.state_dict()
             atomic_save_tensors(partial / "surrogate.safetensors", surrogate_tensors)
-            state["surrogate"] = {"error": self.surrogate.error, "optimizer": opt_meta}
         atomic_write_json(partial / STATE_FILE, state)
 
     def _load_training_state(self, directory: Path) -> None:
@@ -745,22 +671,7 @@ class Trainer:
             path = directory / "surrogate.safetensors"
             tensors = read_tensors(path)
             try:
-                self.surrogate.surrogate.load_state_dict(
-                    {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
-                )
-                load_optimizer(
-                    self.surrogate.optimizer,
-                    {
-                        k.removeprefix("optimizer."): v
-                        for k, v in tensors.items()
-                        if k.startswith("optimizer.")
-                    },
-                    state["surrogate"]["optimizer"],
-                )
-                if "samples.features" in tensors:
-                    pairs = zip(tensors["samples.features"], tensors["samples.losses"].tolist(), strict=True)
-                    self.surrogate.samples.extend((f, loss) for f, loss in pairs)
-                self.surrogate.error = float(state["surrogate"]["error"])
+                self.surrogate.load_state_dict(tensors, state["surrogate"])
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
 
