@@ -214,7 +214,7 @@ CASES: dict[str, Case] = {
         resume(w, damaged_run(w, t, lambda c: edit_json(c / "trainer.json", lambda r: r.update(step="1")))),
         "step must be an integer"),
     "optimizer tensor of the wrong shape": lambda w, t: (
-        resume(w, damaged_run(w, t, narrow_optimizer_tensor)), "does not fit this model"),
+        resume(w, damaged_run(w, t, narrow_optimizer_tensor)), "does not fit this run"),
     "truncated routers.safetensors": lambda w, t: (
         eval_argv(with_routers(w, t, {"kind": "static", "budgets": [0.5, 1.0], "hidden": 8}, b"\0" * 100)),
         "routers.safetensors is corrupt or unreadable"),

@@ -75,7 +75,7 @@ def test_pruning_keeps_the_newest_steps_by_number(elastic, texts, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
     (out / "checkpoint-000003").rename(out / "checkpoint-1000000")
     (out / "latest").write_text("checkpoint-1000000\n")
-    from flextron.training import run_checkpoints
+    from flextron.run_directory import run_checkpoints
 
     assert [p.name for p in run_checkpoints(out)] == ["checkpoint-000002", "checkpoint-1000000"]
 
@@ -343,7 +343,7 @@ def test_an_optimizer_state_of_the_wrong_shape_is_named(elastic, texts, tmp_path
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, path)
     with pytest.raises(
-        CheckpointError, match=rf"optimizer.safetensors does not fit this model: {name} has shape"
+        CheckpointError, match=rf"optimizer.safetensors does not fit this run: {name} has shape"
     ):
         run(elastic, texts, out, steps=2, resume=True)
 

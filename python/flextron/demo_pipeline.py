@@ -10,7 +10,6 @@ interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from flextron.conversion import ConvertOptions, convert
 from flextron.evaluation import mean_loss
 from flextron.model import Routing
 from flextron.outputs import OutputError
+from flextron.run_directory import trained_steps
 from flextron.runtime import DtypeName, resolve_dtype
 from flextron.timing import median_ms
 from flextron.training import TrainConfig, train
@@ -123,7 +123,7 @@ def run(options: DemoOptions) -> list[BudgetRow]:
     for number, config in enumerate(stages, start=2):
         run_dir = out / config.stage
         done = latest_checkpoint(run_dir)
-        if done is None or json.loads((done / "trainer.json").read_text())["step"] < config.steps:
+        if done is None or trained_steps(done) < config.steps:
             say(f"[{number}/5] {config.stage} training ({config.steps} steps)")
             train(
                 config, start, train_texts, run_dir, eval_texts, done is not None, progress=options.progress

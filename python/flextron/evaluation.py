@@ -8,15 +8,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from flextron.budgets import BudgetRouting
+from flextron.budgets import BudgetResolver, BudgetRouting
 from flextron.checkpoint import atomic_write_bytes
 from flextron.data import Text, token_windows
+from flextron.latency import LatencyTable
 from flextron.model import DynamicRouting, ElasticLM, Routing
+from flextron.routers import StaticRouter
 
 
 @dataclass(frozen=True)
@@ -141,3 +144,34 @@ def write_results(results: Sequence[BudgetResult], out_dir: str | Path, title: s
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
+
+
+@torch.no_grad()
+def evaluate_in_training(
+    model: ElasticLM,
+    batches: Sequence[torch.Tensor],
+    budgets: Sequence[float],
+    resolve: BudgetResolver,
+    table: LatencyTable | None,
+) -> dict[str, Any]:
+    """Held-out loss per trained budget: with the routers (argmax) when ``resolve`` has them,
+    else with the uniform sub-network table; with routers, also the expected latency of their
+    probabilities on ``table`` and the target."""
+    was_training = model.training
+    model.eval()
+    smallest = model.config.smallest_fraction()
+    row: dict[str, Any] = {}
+    for budget in budgets:
+        # The uniform table serves a budget under the smallest sub-network with the smallest.
+        served = resolve(budget if resolve.router is not None else max(budget, smallest))
+        loss, _ = mean_loss(model, batches, served.routing)
+        row[f"{budget:g}"] = {"loss": loss, "perplexity": math.exp(loss)}
+        if resolve.router is not None:
+            router = resolve.router
+            output = router(budget) if isinstance(router, StaticRouter) else served.routing.output()
+            row[f"{budget:g}"]["latency_ms"] = float(
+                table.expected_ms(output.mlp_probs, output.attention_probs)
+            )
+            row[f"{budget:g}"]["latency_target_ms"] = budget * table.full_ms()
+    model.train(was_training)
+    return row

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from flextron.distributed import gather_samples
 from flextron.evaluation import next_token_loss
 from flextron.latency import LatencyTable
 from flextron.model import ElasticConfig, Routing
@@ -98,18 +98,6 @@ def route(
     return router.route(budget, tau, generator), None
 
 
-def gather_samples(features: Tensor, loss: float, world: int) -> list[tuple[Tensor, float]]:
-    """Every rank's (features, measured loss), in rank order: each rank fits its own copy of
-    the surrogate on the same samples, so the copies stay identical."""
-    if world == 1:
-        return [(features, loss)]
-    all_features = [torch.empty_like(features) for _ in range(world)]
-    dist.all_gather(all_features, features.contiguous())
-    all_losses = [torch.zeros((), dtype=torch.float64, device=features.device) for _ in range(world)]
-    dist.all_gather(all_losses, torch.tensor(loss, dtype=torch.float64, device=features.device))
-    return [(f, float(v)) for f, v in zip(all_features, all_losses, strict=True)]
-
-
 class ElasticStage:
     needs_batch = True
 
@@ -142,11 +130,10 @@ class RouterStage:
         surrogate: SurrogateTrainer,
         table: LatencyTable,
         config: TrainConfig,
-        world: int,
         autocast: Autocast,
     ) -> None:
         self.model, self.router, self.probe, self.surrogate = model, router, probe, surrogate
-        self.table, self.config, self.world, self.autocast = table, config, world, autocast
+        self.table, self.config, self.autocast = table, config, autocast
 
     def loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, Any]]:
         # The frozen model's loss is measured on one fixed probe batch, so that it depends on
@@ -157,7 +144,7 @@ class RouterStage:
             measured = next_token_loss(self.model(self.probe, routing), self.probe).item()
         output = output or routing.output()
         fit = 0.0
-        for features, loss in gather_samples(output.features().detach(), measured, self.world):
+        for features, loss in gather_samples(output.features().detach(), measured):
             fit = self.surrogate.observe(features, loss, generator=batch.sample)
         penalty, expected = latency_penalty(self.table, output, budget)
         info = {"lm_loss": measured, "latency_ms": expected.item(), "budget": budget, "surrogate_fit": fit}

@@ -21,12 +21,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
-import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,9 +42,7 @@ from flextron.checkpoint import (
     ROUTERS,
     CheckpointError,
     atomic_save_tensors,
-    atomic_write_bytes,
     atomic_write_json,
-    checkpoint_step,
     latest_checkpoint,
     load_elastic,
     load_optimizer,
@@ -55,20 +52,29 @@ from flextron.checkpoint import (
     save_elastic,
 )
 from flextron.data import Text, token_windows
-from flextron.evaluation import mean_loss
+from flextron.distributed import average_gradients, full_state_dict, rank, world_size, wrap_parallel
+from flextron.evaluation import evaluate_in_training
 from flextron.latency import LatencyTable, measure
 from flextron.model import ElasticLM
-from flextron.outputs import DirectoryLock, OutputError, check_not_source
+from flextron.outputs import DirectoryLock
 from flextron.routers import StaticRouter, TokenRouter, load_router_state
+from flextron.run_directory import (
+    RunLog,
+    TrainingState,
+    check_resumable,
+    check_same_data,
+    prepare_run_directory,
+    read_training_state,
+    restore,
+    save_checkpoint,
+    write_training_state,
+)
 from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_device, resolve_dtype
 from flextron.stages import Batch, ElasticStage, JointStage, RouterStage, temperature
 from flextron.surrogate import Surrogate, SurrogateTrainer
 
 Stage = Literal["elastic", "routers", "joint"]
-STATE_FILE = "trainer.json"
-RUN_FILES = ("latest", "log.jsonl", "train_config.json")  # a run writes these beside its checkpoints
 # Settings a resumed run may change; any other difference would not resume "exactly".
-RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "eval_tokens", "save_every", "keep_last"})
 
 
 INT_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "router_hidden",
@@ -261,73 +267,36 @@ class Windows:
 
 
 # ---------------------------------------------------------------------------------------
-# The run directory (flextron.outputs: never replace what this run did not create)
-
-
-def run_checkpoints(out_dir: Path) -> list[Path]:
-    """A run directory's checkpoints, oldest step first (by number, not by name)."""
-    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def prepare_run_directory(out_dir: Path, source: Path, resume: bool, overwrite: bool) -> None:
-    """Called with the run directory locked: remove what killed runs left (``.partial``
-    checkpoints, temporary files), and for a new run refuse a directory that holds another
-    run's checkpoints (or the source checkpoint) unless ``overwrite``."""
-    for stale in out_dir.glob("checkpoint-*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    if resume:
-        return
-    check_not_source(out_dir, source)
-    existing = run_checkpoints(out_dir)
-    if existing and not overwrite:
-        raise OutputError(
-            f"--out {out_dir} holds another run's checkpoints (up to {existing[-1].name}): pass --resume "
-            "to continue that run, --overwrite to replace it, or choose another --out"
-        )
-    for old in existing:
-        shutil.rmtree(old)
-    for name in RUN_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-
-
-def check_resumable(saved: dict[str, Any], config: TrainConfig, out_dir: Path) -> None:
-    """A resumed run must use the settings it was started with (except RESUMABLE_CHANGES)."""
-    given = json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in given if k not in RESUMABLE_CHANGES and saved.get(k) != given[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {given[k]!r}" for k in changed)
-        raise CheckpointError(
-            f"--resume: the run in {out_dir} was started with other settings ({detail}); only "
-            f"{sorted(RESUMABLE_CHANGES)} may change when resuming"
-        )
-
-
-def check_same_data(saved: dict[str, Any], fingerprint: str, out_dir: Path) -> None:
-    """A resumed run must read the same training tokens (``fingerprint`` hashes its windows)."""
-    if saved.get("data", fingerprint) != fingerprint:
-        raise CheckpointError(
-            f"--resume: the run in {out_dir} was started on other training text (--data); "
-            "resume with the same --data, or start a new run"
-        )
-
-
-def truncate_log(log: Path, step: int) -> None:
-    """Drop the log lines of steps after ``step`` (a killed run logged steps it did not save)."""
-    if not log.is_file():
-        return
-    kept = []
-    for line in log.read_text().splitlines():
-        entry = json.loads(line)
-        if entry.get("step", entry.get("eval", {}).get("step", 0)) <= step:
-            kept.append(line)
-    atomic_write_bytes(log, "".join(f"{line}\n" for line in kept).encode())
-
-
-# ---------------------------------------------------------------------------------------
 # The trainer
+
+
+def router_signature(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint's metadata says of its routers (saved ones are reused if it matches)."""
+    return {"kind": config.router, "budgets": list(config.budgets), "hidden": config.router_hidden}
+
+
+def latency_table(
+    config: TrainConfig, model: ElasticLM, progress: bool, resumed: Path | None
+) -> LatencyTable:
+    """The interrupted run's table (``resumed``, when it exists), else ``config.lut``'s, else
+    one measured now; checked against the model."""
+    if resumed is not None and resumed.is_file():
+        return LatencyTable.load(resumed)  # the same table as the interrupted run
+    if config.lut:
+        table = LatencyTable.load(config.lut)
+    else:
+        table = measure(model, config.batch_size, config.seq_len, progress=progress)
+    if table.num_layers != model.config.num_layers or len(table.mlp_ms) != len(model.config.mlp_widths):
+        raise ValueError("the latency table was measured for another model (layers or width choices differ)")
+    return table
+
+
+def postfix(loss: float, info: dict[str, Any], tau: float) -> dict[str, str]:
+    """The progress bar's figures: the loss, and for router stages the latency and temperature."""
+    shown = {"loss": f"{loss:.3f}"}
+    if "latency_ms" in info:
+        shown |= {"lat": f"{info['latency_ms']:.1f}ms", "tau": f"{tau:.2f}"}
+    return shown
 
 
 class Trainer:
@@ -345,16 +314,12 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world, self.rank = world_size(), rank()
         self.device = resolve_device(config.device)
         self.start_step = 0
         resume_from = self._open(Path(checkpoint), resume)
         self._read_texts(texts, eval_texts, resume_from)
         self.router, router_loaded = self._build_router(resume_from or Path(checkpoint))
-        self.teacher = None
-        if config.stage == "elastic" and "kl" in config.loss:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.trained_model = self._trained_model()
         self.optimizer = self._build_optimizer()
         self.table: LatencyTable | None = None
@@ -412,7 +377,7 @@ class Trainer:
             torch.manual_seed(config.seed)
             router = kind(self.model.config, config.budgets, config.router_hidden).to(self.device)
         saved = source / ROUTERS
-        if saved.is_file() and router_metadata(self.record) == self._router_signature():
+        if saved.is_file() and router_metadata(self.record) == router_signature(self.config):
             load_router_state(router, read_tensors(saved, self.device))
             return router, True
         return router, False
@@ -421,7 +386,7 @@ class Trainer:
         train_model = self.config.stage in ("elastic", "joint")
         self.model.requires_grad_(train_model)
         self.model.train(train_model)
-        return self._parallel(self.model) if train_model else self.model
+        return wrap_parallel(self.model, self.config.parallel, self.device) if train_model else self.model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = []
@@ -436,7 +401,11 @@ class Trainer:
     def _prepare_routers(self, resume_from: Path | None, router_loaded: bool) -> None:
         """The latency table; fresh routers start from each budget's best uniform sub-network;
         the router stage gets its surrogate (seeded)."""
-        self.table = self._latency_table(resume_from)
+        saved = self.out_dir / "latency.json"
+        with self._autocast():  # timed in the dtype the routed model will run in
+            self.table = latency_table(self.config, self.model, self.progress, saved if resume_from else None)
+        if self.rank == 0:
+            self.table.save(saved)
         if not router_loaded:
             losses = stored_losses(self.record)
             starts = [uniform_start(self.table, budget, losses) for budget in self.router.encode.budgets]
@@ -451,65 +420,15 @@ class Trainer:
                 self.surrogate = SurrogateTrainer(Surrogate(features))
 
     def _build_stage(self) -> ElasticStage | RouterStage | JointStage:
-        config = self.config
+        config, autocast = self.config, self._autocast
         if config.stage == "elastic":
-            return ElasticStage(self.trained_model, config, self.model.config, self.teacher, self._autocast)
+            teacher = copy.deepcopy(self.model).eval().requires_grad_(False) if "kl" in config.loss else None
+            return ElasticStage(self.trained_model, config, self.model.config, teacher, autocast)
         if config.stage == "routers":
             return RouterStage(
-                self.model,
-                self.router,
-                self.probe,
-                self.surrogate,
-                self.table,
-                config,
-                self.world,
-                self._autocast,
+                self.model, self.router, self.probe, self.surrogate, self.table, config, autocast
             )
-        return JointStage(self.trained_model, self.router, self.table, config, self._autocast)
-
-    def _parallel(self, model: ElasticLM) -> nn.Module:
-        if self.world == 1:
-            return model
-        if self.config.parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-        )
-
-    def _router_signature(self) -> dict[str, Any]:
-        return {
-            "kind": self.config.router,
-            "budgets": list(self.config.budgets),
-            "hidden": self.config.router_hidden,
-        }
-
-    def _latency_table(self, resume_from: Path | None) -> LatencyTable:
-        saved = self.out_dir / "latency.json"
-        if resume_from is not None and saved.is_file():
-            return LatencyTable.load(saved)  # the same table as the interrupted run
-        if self.config.lut:
-            table = LatencyTable.load(self.config.lut)
-        else:
-            with self._autocast():  # timed in the dtype the routed model will run in
-                table = measure(
-                    self.model, self.config.batch_size, self.config.seq_len, progress=self.progress
-                )
-        if table.num_layers != self.model.config.num_layers or len(table.mlp_ms) != len(
-            self.model.config.mlp_widths
-        ):
-            raise ValueError(
-                "the latency table was measured for another model (layers or width choices differ)"
-            )
-        if self.rank == 0:
-            table.save(saved)
-        return table
+        return JointStage(self.trained_model, self.router, self.table, config, autocast)
 
     # -- one step -------------------------------------------------------------------
 
@@ -535,7 +454,8 @@ class Trainer:
             if loss.requires_grad:
                 (loss / config.grad_accum).backward()
             total += float(info.get("lm_loss", loss.item())) / config.grad_accum
-        self._reduce_router_grads()
+        if self.router is not None:
+            average_gradients(self.router)  # the model's are reduced by DDP/FSDP
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params:
             torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
@@ -546,174 +466,89 @@ class Trainer:
         dtype = resolve_dtype(self.config.dtype, self.device)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def _reduce_router_grads(self) -> None:
-        """Average router gradients across ranks (the model's are reduced by DDP/FSDP)."""
-        if self.world == 1 or self.router is None:
-            return
-        for p in self.router.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world
-
     # -- evaluation and checkpoints -------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Held-out loss per trained budget: with the routers (argmax) when there are any,
-        else with the uniform sub-network table of the checkpoint; with routers, also the
-        expected latency of their probabilities on the table."""
-        was_training = self.model.training
-        self.model.eval()
-        resolve = BudgetResolver(self.model, self.router, stored_losses(self.record))
-        smallest = self.model.config.smallest_fraction()
-        row: dict[str, Any] = {}
-        for budget in self.config.budgets:
-            # The uniform table serves a budget under the smallest sub-network with the smallest.
-            served = resolve(budget if self.router is not None else max(budget, smallest))
-            loss, _ = mean_loss(self.model, self.eval_batches, served.routing)
-            row[f"{budget:g}"] = {"loss": loss, "perplexity": math.exp(loss)}
-            if self.router is not None:
-                output = (
-                    self.router(budget) if isinstance(self.router, StaticRouter) else served.routing.output()
-                )
-                latency = self.table.expected_ms(output.mlp_probs, output.attention_probs)
-                row[f"{budget:g}"]["latency_ms"] = float(latency)
-                row[f"{budget:g}"]["latency_target_ms"] = budget * self.table.full_ms()
-        self.model.train(was_training)
-        return row
+        """Held-out loss (and, with routers, expected latency) per trained budget."""
+        resolver = BudgetResolver(self.model, self.router, stored_losses(self.record))
+        return evaluate_in_training(self.model, self.eval_batches, self.config.budgets, resolver, self.table)
 
     def _full_model_state(self) -> dict[str, Tensor] | None:
-        """The whole model's weights (gathered from the FSDP shards on every rank)."""
-        if self.world > 1 and self.config.parallel == "fsdp" and self.trained_model is self.model:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.model, options=options)
-        return None
+        """FSDP: the whole model's weights, gathered on every rank; else None (the model's own)."""
+        fsdp = self.world > 1 and self.config.parallel == "fsdp" and self.trained_model is self.model
+        return full_state_dict(self.model) if fsdp else None
 
     def save(self, step: int) -> Path | None:
-        """Write ``checkpoint-<step+1>`` as a ``.partial`` directory, rename it into place,
-        point ``latest`` at it and prune the oldest beyond ``keep_last``."""
+        """Write ``checkpoint-<step+1>`` (an elastic checkpoint plus the training state)."""
         model_state = self._full_model_state()  # a collective: every rank takes part
         if self.rank != 0:
             return None
-        name = f"checkpoint-{step + 1:06d}"
-        final, partial = self.out_dir / name, self.out_dir / f"{name}.partial"
-        if partial.exists():
-            shutil.rmtree(partial)
-        try:
-            self._write_checkpoint(partial, step, model_state)
-        except OSError as e:  # e.g. a full disk
-            shutil.rmtree(partial, ignore_errors=True)
-            raise OSError(f"{name} was not saved (the run's earlier checkpoints are intact): {e}") from None
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        atomic_write_bytes(self.out_dir / "latest", (name + "\n").encode())
-        for old in run_checkpoints(self.out_dir)[: -self.config.keep_last]:
-            shutil.rmtree(old)
-        return final
+        write = functools.partial(self._write_checkpoint, step=step + 1, model_state=model_state)
+        return save_checkpoint(self.out_dir, step + 1, self.config.keep_last, write)
 
     def _write_checkpoint(self, partial: Path, step: int, model_state: dict[str, Tensor] | None) -> None:
         metadata = {k: v for k, v in self.record.items() if k not in ("format", "version", "config")}
         metadata["training"] = {
             "stage": self.config.stage,
-            "step": step + 1,
+            "step": step,
             "config": asdict(self.config),
             "data": self.data_fingerprint,
         }
         if self.router is not None:
-            metadata["routers"] = self._router_signature()
+            metadata["routers"] = router_signature(self.config)
         save_elastic(self.model, partial, metadata, self.tokenizer, tensors=model_state)
         if self.router is not None:
             atomic_save_tensors(partial / ROUTERS, self.router.state_dict())
-        if model_state is None:
-            tensors, meta = optimizer_tensors(self.optimizer)
-            atomic_save_tensors(partial / "optimizer.safetensors", tensors)
-        else:  # FSDP: the optimizer state stays sharded and is not saved (no --resume yet)
-            meta = None
-        state: dict[str, Any] = {"step": step + 1, "optimizer": meta, "losses": self.result.losses}
-        state["evaluations"] = self.result.evaluations
-        if self.surrogate is not None:
-            surrogate_tensors, state["surrogate"] = self.surrogate.state_dict()
-            atomic_save_tensors(partial / "surrogate.safetensors", surrogate_tensors)
-        atomic_write_json(partial / STATE_FILE, state)
+        state = TrainingState(step, self.result.losses, self.result.evaluations)
+        state.optimizer = optimizer_tensors(self.optimizer) if model_state is None else None
+        state.surrogate = self.surrogate.state_dict() if self.surrogate is not None else None
+        write_training_state(partial, state)
 
     def _load_training_state(self, directory: Path) -> None:
-        try:
-            state = json.loads((directory / STATE_FILE).read_text())
-            saved, step, losses = state["optimizer"], state["step"], state["losses"]
-        except KeyError as e:
-            raise CheckpointError(f"{directory / STATE_FILE} is incomplete: it has no {e}") from None
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise CheckpointError(f"{directory / STATE_FILE} is missing or corrupt: {e}") from None
-        if type(step) is not int or not isinstance(losses, list):
-            raise CheckpointError(
-                f"{directory / STATE_FILE}: step must be an integer and losses a list, got {step!r}, "
-                f"{type(losses).__name__}"
-            )
-        if saved is None or (self.world > 1 and self.config.parallel == "fsdp"):
+        state = read_training_state(directory, self.device)
+        if state.optimizer is None or (self.world > 1 and self.config.parallel == "fsdp"):
             raise CheckpointError(
                 "resuming an FSDP run is not supported yet (its optimizer state is not saved)"
             )
-        tensors = read_tensors(directory / "optimizer.safetensors", self.device)
-        try:
-            load_optimizer(self.optimizer, tensors, saved)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{directory / 'optimizer.safetensors'} does not fit this model: {e}"
-            ) from None
-        self.start_step = step
-        self.result.losses = list(losses)
-        self.result.evaluations = list(state.get("evaluations", []))
-        if self.surrogate is not None and "surrogate" in state:
-            path = directory / "surrogate.safetensors"
-            tensors = read_tensors(path)
-            try:
-                self.surrogate.load_state_dict(tensors, state["surrogate"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
+        restore(directory / "optimizer.safetensors", lambda: load_optimizer(self.optimizer, *state.optimizer))
+        if self.surrogate is not None and state.surrogate is not None:
+            restore(
+                directory / "surrogate.safetensors", lambda: self.surrogate.load_state_dict(*state.surrogate)
+            )
+        self.start_step = state.step
+        self.result.losses, self.result.evaluations = state.losses, state.evaluations
 
     # -- the loop -------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """The loop: a step, its log line, an evaluation and a checkpoint when due."""
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             atomic_write_json(self.out_dir / "train_config.json", asdict(config))
-        bar = tqdm(
-            range(self.start_step, config.steps),
-            initial=self.start_step,
-            total=config.steps,
-            desc=f"train ({config.stage})",
-            disable=not self.progress or self.rank != 0,
-        )
-        log = self.out_dir / "log.jsonl"
-        if self.rank == 0:
-            truncate_log(log, self.start_step)
+        log = RunLog(self.out_dir / "log.jsonl", self.rank == 0, self.start_step)
+        steps = range(self.start_step, config.steps)
+        bar = tqdm(steps, initial=self.start_step, total=config.steps, desc=f"train ({config.stage})",
+                   disable=not self.progress or self.rank != 0)  # fmt: skip
         for step in bar:
             loss, info = self.step(step)
             self.result.losses.append(loss)
-            postfix = {"loss": f"{loss:.3f}"}
-            if "latency_ms" in info:
-                postfix |= {"lat": f"{info['latency_ms']:.1f}ms", "tau": f"{temperature(config, step):.2f}"}
-            bar.set_postfix(postfix)
-            if self.rank == 0:
-                with log.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": loss, **info}) + "\n")
-            last = step + 1 == config.steps
-            if self.eval_batches and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
+            bar.set_postfix(postfix(loss, info, temperature(config, step)))
+            log.write({"step": step + 1, "loss": loss, **info})
+            if self.eval_batches and self._due(config.eval_every, step):
                 evaluation = {"step": step + 1, "budgets": self.evaluate()}
                 self.result.evaluations.append(evaluation)
-                if self.rank == 0:
-                    with log.open("a") as f:
-                        f.write(json.dumps({"eval": evaluation}) + "\n")
-            if (config.save_every and (step + 1) % config.save_every == 0) or last:
+                log.write({"eval": evaluation})
+            if self._due(config.save_every, step):
                 self.save(step)
             if dist.is_initialized():
                 dist.barrier()
         return self.result
+
+    def _due(self, every: int, step: int) -> bool:
+        """Every ``every`` steps (0: never) and at the last step."""
+        return bool(every and (step + 1) % every == 0) or step + 1 == self.config.steps
 
 
 def train(
