@@ -11,8 +11,8 @@ import torch
 
 import flextron
 from flextron import data
-from flextron.budgets import BudgetResolver, choices_for_budget
-from flextron.checkpoint import load_elastic, stored_losses
+from flextron.budgets import BudgetResolver, choices_for_budget, stored_losses
+from flextron.checkpoint import load_elastic
 from flextron.conversion import (
     ConvertOptions,
     UnsupportedModelError,
