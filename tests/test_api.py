@@ -51,7 +51,7 @@ def test_api_mirrors_the_cli():
 def converted(tiny_model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("api") / "elastic"
     result = flextron.convert(
-        out, tiny_model_dir, text_file, mlp_widths=[128, 64], head_widths=[4, 2], seq_len=64,
+        out, tiny_model_dir, text_file, mlp_widths=[128, 64], head_counts=[4, 2], seq_len=64,
         calib_tokens=512, progress=False,
     )  # fmt: skip
     assert result == out and (out / "model.safetensors").is_file()

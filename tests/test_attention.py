@@ -36,7 +36,7 @@ def run_reference(att: ElasticAttention, x, token_choice, attention_mask=None):
     valid = attention_mask.bool() if attention_mask is not None else None
     positions = default_positions(valid, None, batch, steps, x.device)
     cos, sin = att.rotary(positions)
-    counts = torch.tensor(att.head_choices, device=x.device)[token_choice]
+    counts = torch.tensor(att.head_counts, device=x.device)[token_choice]
     return reference.elastic_attention(
         x,
         counts,
@@ -67,7 +67,7 @@ def left_padding(batch: int, steps: int, device: str) -> torch.Tensor:
 @pytest.mark.parametrize("kv_heads", [KV_HEADS, 2, HEADS])
 def test_token_routing_matches_reference(device, padded, kv_heads):
     att = make(device, kv_heads=kv_heads)
-    groups = len(att.head_choices)
+    groups = len(att.head_counts)
     x = torch.randn(3, 13, HIDDEN, dtype=torch.float64, device=device)
     choice = torch.randint(0, groups, (3, 13), device=device)
     mask = left_padding(3, 13, device) if padded else None
@@ -240,9 +240,9 @@ def test_compiles_with_token_routing():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"head_choices": [4, 8]}, "head_choices must be strictly decreasing, got \\[4, 8\\]"),
-        ({"head_choices": [16, 8]}, "head_choices\\[0\\]=16 exceeds the available width 8"),
-        ({"head_choices": [8, 6, 3]}, "whole query groups \\(multiples of 2\\), got \\[8, 6, 3\\]"),
+        ({"head_counts": [4, 8]}, "head_counts must be strictly decreasing, got \\[4, 8\\]"),
+        ({"head_counts": [16, 8]}, "head_counts\\[0\\]=16 exceeds the available width 8"),
+        ({"head_counts": [8, 6, 3]}, "whole query groups \\(multiples of 2\\), got \\[8, 6, 3\\]"),
         ({"num_kv_heads": 3}, "num_heads \\(8\\) must be a multiple of num_kv_heads \\(3\\)"),
         ({"hidden_size": 60, "head_dim": None}, "hidden_size \\(60\\) is not a multiple of num_heads"),
     ],
@@ -251,7 +251,7 @@ def test_bad_configuration(kwargs, message):
     config = {
         "hidden_size": HIDDEN,
         "num_heads": HEADS,
-        "head_choices": CHOICES,
+        "head_counts": CHOICES,
         "num_kv_heads": 4,
         "head_dim": 8,
     }

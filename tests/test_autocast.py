@@ -17,7 +17,7 @@ from tests.helpers import assert_close_to_reference
 def tiny_config() -> ElasticConfig:
     return ElasticConfig(
         architecture="llama", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=16, intermediate_size=128, mlp_widths=(128, 64), head_choices=(4, 2),
+        head_dim=16, intermediate_size=128, mlp_widths=(128, 64), head_counts=(4, 2),
     )  # fmt: skip
 
 

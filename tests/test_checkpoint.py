@@ -26,7 +26,7 @@ def tiny(tied: bool, architecture: str = "llama") -> ElasticLM:
         head_dim=8,
         intermediate_size=64,
         mlp_widths=(64, 32),
-        head_choices=(4, 2),
+        head_counts=(4, 2),
         tie_embeddings=tied,
         rope_theta=10000.0 if architecture == "llama" else None,
         activation="swiglu" if architecture == "llama" else "gelu_tanh",

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import flextron
 from flextron import cli
 from tests.conftest import require_module
 
@@ -27,11 +28,11 @@ def test_convert_eval_export_generate(tiny_model_dir, text_file, tmp_path, capsy
     checkpoint = tmp_path / "elastic"
     code, out, err = run(
         capsys, "convert", "--model", str(tiny_model_dir), "--calib", str(text_file), "--out", str(checkpoint),
-        "--mlp-widths", "128,64", "--head-widths", "4,2", "--seq-len", "64", "--calib-tokens", "512", "--quiet",
+        "--mlp-widths", "128,64", "--head-counts", "4,2", "--seq-len", "64", "--calib-tokens", "512", "--quiet",
     )  # fmt: skip
     assert code == 0, err
     record = json.loads((checkpoint / "flextron.json").read_text())
-    assert record["config"]["mlp_widths"] == [128, 64] and record["config"]["head_choices"] == [4, 2]
+    assert record["config"]["mlp_widths"] == [128, 64] and record["config"]["head_counts"] == [4, 2]
     assert record["calibration"] == {"texts": ["sonnets"], "tokens": 512, "seq_len": 64}
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
 
@@ -139,3 +140,25 @@ def test_help_lists_the_commands():
         [sys.executable, "-m", "flextron.cli", "eval", "--budgets", "a,b"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "expected comma-separated numbers" in bad.stderr
+
+
+def test_the_old_head_widths_flag_still_works_with_a_notice(tiny_model_dir, text_file, tmp_path, capsys):
+    argv = ["convert", "--model", str(tiny_model_dir), "--calib", str(text_file), "--out", str(tmp_path / "e"),
+            "--head-widths", "4,2", "--seq-len", "64", "--calib-tokens", "256", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "--head-widths is deprecated, use --head-counts" in capsys.readouterr().err
+    record = json.loads((tmp_path / "e" / "flextron.json").read_text())
+    assert record["config"]["head_counts"] == [4, 2]
+    assert cli.main([*argv[:6], str(tmp_path / "f"), "--head-widths", "4,2", "--head-counts", "4,2"]) == 2
+    with pytest.warns(FutureWarning, match="head_widths is deprecated"):
+        flextron.convert(tmp_path / "g", tiny_model_dir, text_file, head_widths=[4, 2], seq_len=64,
+                         calib_tokens=256, progress=False)  # fmt: skip
+
+
+def test_checkpoints_written_before_the_head_counts_rename_load():
+    from flextron.model import ElasticConfig
+
+    new = ElasticConfig(architecture="llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=4, intermediate_size=32, mlp_widths=(32, 16), head_counts=(4, 2))  # fmt: skip
+    old = {k if k != "head_counts" else "head_choices": v for k, v in new.to_dict().items()}
+    assert ElasticConfig.from_dict(old) == new

@@ -46,7 +46,7 @@ def work(tiny_model_dir, tmp_path_factory) -> Workspace:
     common = ["--quiet", "--seed", "0"]
     argv = ["convert", "--model", str(tiny_model_dir), "--out", str(elastic), "--calib", str(text)]
     assert (
-        cli.main([*argv, "--seq-len", "32", "--calib-tokens", "256", "--head-widths", "4,2", "--quiet"]) == 0
+        cli.main([*argv, "--seq-len", "32", "--calib-tokens", "256", "--head-counts", "4,2", "--quiet"]) == 0
     )
     config = root / "small.toml"
     config.write_text(SMALL_RUN + "save_every = 1\n")
@@ -306,7 +306,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_output(work, tmp_path, co
     (Python's writes and safetensors' own). The model file is larger than the limit."""
     if command == "convert":
         out = tmp_path / "elastic"
-        argv = convert_argv(work.hf_model, out, "--calib", str(work.text), "--head-widths", "4,2")
+        argv = convert_argv(work.hf_model, out, "--calib", str(work.text), "--head-counts", "4,2")
     else:
         out = work.copy(work.run, tmp_path)
         argv = resume(work, out)

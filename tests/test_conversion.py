@@ -52,7 +52,7 @@ def test_embedded_model_equals_transformers(embedded):
     hf, tokenizer = embedded
     config = elastic_config_from_hf(hf.config)
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
-    assert config.head_choices == (9, 6, 3) and config.mlp_widths == (1536, 1152, 768, 384)
+    assert config.head_counts == (9, 6, 3) and config.mlp_widths == (1536, 1152, 768, 384)
     model = from_hf(hf, config)
     ids = sample_ids(tokenizer)
     assert_close_to_fp64_model(model(ids), hf, ids)
@@ -97,7 +97,7 @@ def test_convert_eval_export(embedded, converted, tmp_path, capsys):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     choice = choices_for_budget(model.config, 0.75, losses)
     assert loaded.config.intermediate_size == model.config.mlp_widths[choice.mlp]
-    assert loaded.config.num_attention_heads == model.config.head_choices[choice.attention]
+    assert loaded.config.num_attention_heads == model.config.head_counts[choice.attention]
     routed = model(ids, Routing.uniform(30, choice.mlp, choice.attention))
     assert_close_to_fp64_model(routed, loaded, ids)
     reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(out)

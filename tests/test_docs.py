@@ -37,7 +37,7 @@ def test_readme_python_flow_runs(tiny_model_dir, text_file, tmp_path, monkeypatc
         code.group(1)
         .replace('"path/to/hf-llama", "my_texts/"', f"{str(tiny_model_dir)!r}, {str(text_file)!r}")
         .replace(
-            "calib_tokens=8192", "calib_tokens=512, mlp_widths=[128, 32], head_widths=[4, 2], progress=False"
+            "calib_tokens=8192", "calib_tokens=512, mlp_widths=[128, 32], head_counts=[4, 2], progress=False"
         )
         .replace("steps=200", "steps=2, progress=False")
         .replace("budgets=[1.0, 0.75, 0.5])", "budgets=[1.0, 0.75, 0.5], max_tokens=512, progress=False)")
@@ -52,7 +52,7 @@ def test_readme_python_flow_runs(tiny_model_dir, text_file, tmp_path, monkeypatc
 def test_api_page_blocks_run(tiny_model_dir, text_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     checkpoint = flextron.convert(
-        tmp_path / "elastic", tiny_model_dir, text_file, head_widths=[4, 2], seq_len=64, calib_tokens=256,
+        tmp_path / "elastic", tiny_model_dir, text_file, head_counts=[4, 2], seq_len=64, calib_tokens=256,
         progress=False,
     )  # fmt: skip
     namespace: dict = {}
@@ -61,7 +61,7 @@ def test_api_page_blocks_run(tiny_model_dir, text_file, tmp_path, monkeypatch):
             block.replace('"path/to/hf-llama"', repr(str(tiny_model_dir)))
             .replace('"runs/smollm2-elastic"', repr(str(checkpoint)))
             .replace("steps=20,", "steps=2,")
-            .replace("calib_tokens=4096,", "calib_tokens=512, mlp_widths=[128, 32], head_widths=[4, 2],")
+            .replace("calib_tokens=4096,", "calib_tokens=512, mlp_widths=[128, 32], head_counts=[4, 2],")
         )
         exec(compile(source, str(API_PAGE), "exec"), namespace)
     assert namespace["tokens"].shape[0] == 2 and namespace["y16"].dtype == torch.bfloat16

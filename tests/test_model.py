@@ -125,7 +125,7 @@ def test_exported_sub_networks_load_in_transformers(pair, tmp_path):
     config = model.config
     ids = tokens()
     for m in range(len(config.mlp_widths)):
-        for a, heads in enumerate(config.head_choices):
+        for a, heads in enumerate(config.head_counts):
             exportable = config.hidden_size % heads == 0 and (
                 config.architecture != "gpt2" or heads == config.num_heads
             )
@@ -155,12 +155,12 @@ def test_routed_forward_equals_reference(pair):
     ids = tokens(3, 10)
     gen = torch.Generator().manual_seed(2)
     mlp = torch.randint(0, len(config.mlp_widths), (config.num_layers, 3, 10), generator=gen)
-    attention = torch.randint(0, len(config.head_choices), (config.num_layers, 3, 10), generator=gen)
+    attention = torch.randint(0, len(config.head_counts), (config.num_layers, 3, 10), generator=gen)
     routing = Routing(list(mlp), list(attention))
     torch.testing.assert_close(model(ids, routing), reference.elastic_lm(model, ids, mlp, attention))
     # Static and per-sequence routings are special cases of per-token routing.
-    static = Routing.uniform(config.num_layers, 1, len(config.head_choices) - 1)
-    full_static = torch.ones_like(mlp), torch.full_like(attention, len(config.head_choices) - 1)
+    static = Routing.uniform(config.num_layers, 1, len(config.head_counts) - 1)
+    full_static = torch.ones_like(mlp), torch.full_like(attention, len(config.head_counts) - 1)
     torch.testing.assert_close(model(ids, static), reference.elastic_lm(model, ids, *full_static))
     per_sequence = Routing([torch.tensor([0, 2, 1])] * config.num_layers, [torch.tensor([1, 0, 1])] * 2)
     expanded_mlp = torch.tensor([0, 2, 1])[None, :, None].expand(config.num_layers, 3, 10)
@@ -204,13 +204,13 @@ def test_greedy_generate_matches_transformers():
 def test_budget_choice():
     hf = tiny_hf("llama")
     config = elastic_config_from_hf(hf.config)
-    assert config.mlp_widths == (256, 192, 128, 64) and config.head_choices == (8, 6, 4, 2)
+    assert config.mlp_widths == (256, 192, 128, 64) and config.head_counts == (8, 6, 4, 2)
     full = choices_for_budget(config, 1.0)
     assert (full.mlp, full.attention, full.active_fraction) == (0, 0, 1.0)
     losses = [
         UniformLoss(m, a, float(m + 3 * a))
         for m in range(len(config.mlp_widths))
-        for a in range(len(config.head_choices))
+        for a in range(len(config.head_counts))
     ]
     previous = None
     for budget in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):

@@ -32,7 +32,7 @@ def texts():
 @pytest.fixture(scope="module")
 def elastic(tiny_model_dir, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs") / "elastic"
-    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_choices=(4, 2))
+    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_counts=(4, 2))
     return convert(tiny_model_dir, texts[0], out, options)
 
 
@@ -180,7 +180,7 @@ def test_a_convert_killed_between_files_leaves_the_old_checkpoint_whole(
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr("flextron.checkpoint.atomic_write_json", killed)
-    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_choices=(4,))
+    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_counts=(4,))
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_model_dir, texts[0], out, options, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

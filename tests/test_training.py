@@ -32,9 +32,7 @@ def texts():
 @pytest.fixture(scope="module")
 def elastic(tiny_model_dir, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-elastic")
-    options = ConvertOptions(
-        seq_len=32, max_tokens=512, table_tokens=128, progress=False, head_choices=(4, 2)
-    )
+    options = ConvertOptions(seq_len=32, max_tokens=512, table_tokens=128, progress=False, head_counts=(4, 2))
     return convert(tiny_model_dir, texts[0], out, options)
 
 
@@ -42,7 +40,7 @@ def elastic(tiny_model_dir, texts, tmp_path_factory):
 def table(tmp_path, elastic):
     """A synthetic latency table (deterministic, unlike a measured one)."""
     model, _ = load_elastic(elastic)
-    assert model.config.mlp_widths == (128, 64) and model.config.head_choices == (4, 2)
+    assert model.config.mlp_widths == (128, 64) and model.config.head_counts == (4, 2)
     table = LatencyTable("cpu", "synthetic", "float32", "prefill", 4, 32, 2, [4.0, 2.0], [2.0, 1.0], 1.0)
     return table.save(tmp_path / "lut.json")
 

@@ -13,6 +13,7 @@ them, or a list of :class:`flextron.data.Text`; ``None`` is the embedded Shakesp
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def convert(
     calib: TextSource = None,
     *,
     mlp_widths: Sequence[int] | None = None,
-    head_widths: Sequence[int] | None = None,
+    head_counts: Sequence[int] | None = None,
     seq_len: int = 256,
     calib_tokens: int = 16384,
     batch_size: int = 8,
@@ -66,21 +67,28 @@ def convert(
     dtype: DtypeName = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    head_widths: Sequence[int] | None = None,
 ) -> Path:
     """A local Hugging Face model (default: the embedded SmolLM2-135M) -> an elastic
     checkpoint in ``out``: neurons and heads sorted by importance on ``calib`` text, width
     choices (default: 100/75/50/25% of the MLP, 100/66/33% of the heads in whole KV groups)
     and the loss of every uniform sub-network. Weights stay fp32; ``dtype`` is the compute
     dtype of the calibration passes. ``out`` must be empty or absent unless ``overwrite``.
-    Returns the checkpoint directory."""
+    ``head_widths`` is the deprecated name of ``head_counts``. Returns the checkpoint directory."""
     from flextron.conversion import ConvertOptions
     from flextron.conversion import convert as convert_model
+
+    if head_widths is not None:
+        if head_counts is not None:
+            raise ValueError("head_widths is the old name of head_counts: give one of them")
+        warnings.warn("head_widths is deprecated, use head_counts", FutureWarning, stacklevel=2)
+        head_counts = head_widths
 
     resolved = resolve_device(device)
     resolve_dtype(dtype, resolved)
     options = ConvertOptions(
         mlp_widths=mlp_widths,
-        head_choices=head_widths,
+        head_counts=head_counts,
         seq_len=seq_len,
         max_tokens=calib_tokens,
         batch_size=batch_size,

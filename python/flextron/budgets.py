@@ -62,7 +62,7 @@ def choices_for_budget(
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     fractions = {
         (m, a): config.layer_fraction(m, a)
-        for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_choices)))
+        for m, a in itertools.product(range(len(config.mlp_widths)), range(len(config.head_counts)))
     }
     best = lowest_loss_within(fractions, budget + 1e-9, losses or [])
     if best is None:
@@ -107,7 +107,7 @@ class BudgetRouting:
             return "per token", "per token"
         return (
             summarize([config.mlp_widths[m] for m in self.mlp_choices]),
-            summarize([config.head_choices[a] for a in self.attention_choices]),
+            summarize([config.head_counts[a] for a in self.attention_choices]),
         )
 
     def active_fraction(self, config: ElasticConfig) -> float:
@@ -124,7 +124,7 @@ class BudgetRouting:
             raise RuntimeError("a token router's active fraction is known once it has routed a forward pass")
         table = torch.tensor(
             [
-                [config.layer_fraction(m, a) for a in range(len(config.head_choices))]
+                [config.layer_fraction(m, a) for a in range(len(config.head_counts))]
                 for m in range(len(config.mlp_widths))
             ]
         )

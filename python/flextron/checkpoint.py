@@ -178,13 +178,13 @@ def check_metadata(record: dict[str, Any], config: ElasticConfig, path: Path) ->
             )
         if not (
             _is_index(entry["mlp"], len(config.mlp_widths))
-            and _is_index(entry["attention"], len(config.head_choices))
+            and _is_index(entry["attention"], len(config.head_counts))
             and isinstance(entry["loss"], float | int)
             and math.isfinite(entry["loss"])
         ):
             raise CheckpointError(
                 f"{path}: uniform_losses[{i}] must hold an MLP choice below {len(config.mlp_widths)}, "
-                f"an attention choice below {len(config.head_choices)} and a finite loss; got {entry!r}"
+                f"an attention choice below {len(config.head_counts)} and a finite loss; got {entry!r}"
             )
     routers = record.get("routers")
     if routers is None:

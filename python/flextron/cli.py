@@ -89,13 +89,25 @@ def _progress(args: argparse.Namespace) -> bool:
 # Commands
 
 
+def _renamed(args: argparse.Namespace, old: str, new: str):
+    """The value of flag ``new``, or of its deprecated name ``old`` (with a one-line notice)."""
+    flag = "--" + old.replace("_", "-")
+    value = getattr(args, old)
+    if value is None:
+        return getattr(args, new)
+    if getattr(args, new) is not None:
+        raise ValueError(f"{flag} is the old name of --{new.replace('_', '-')}: give one of them")
+    print(f"flextron {args.command}: {flag} is deprecated, use --{new.replace('_', '-')}", file=sys.stderr)
+    return value
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     out = api.convert(
         args.out,
         args.model,
         args.calib,
         mlp_widths=args.mlp_widths,
-        head_widths=args.head_widths,
+        head_counts=_renamed(args, "head_widths", "head_counts"),
         seq_len=args.seq_len,
         calib_tokens=args.calib_tokens,
         batch_size=args.batch_size,
@@ -300,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--mlp-widths", type=_int_list, help="MLP width choices, e.g. 1536,1152,768,384")
-    p.add_argument("--head-widths", type=_int_list, help="query-head choices, e.g. 9,6,3")
+    p.add_argument("--head-counts", type=_int_list, help="query-head counts, e.g. 9,6,3")
+    p.add_argument("--head-widths", type=_int_list, help=argparse.SUPPRESS)  # deprecated: --head-counts
     p.add_argument(
         "--seq-len", type=_positive_int, default=256, help="tokens per calibration window (default: 256)"
     )

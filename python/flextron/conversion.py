@@ -140,7 +140,7 @@ def default_mlp_widths(inner: int) -> tuple[int, ...]:
 def elastic_config_from_hf(
     hf_config,
     mlp_widths: Sequence[int] | None = None,
-    head_choices: Sequence[int] | None = None,
+    head_counts: Sequence[int] | None = None,
 ) -> ElasticConfig:
     """The ElasticConfig of a Hugging Face config. Width choices default to
     :data:`MLP_FRACTIONS` of the MLP (multiples of 64 neurons) and :data:`HEAD_FRACTIONS` of
@@ -201,7 +201,7 @@ def elastic_config_from_hf(
         num_heads=heads,
         intermediate_size=inner,
         mlp_widths=tuple(mlp_widths) if mlp_widths else default_mlp_widths(inner),
-        head_choices=tuple(head_choices) if head_choices else nested_choices(heads, HEAD_FRACTIONS, group),
+        head_counts=tuple(head_counts) if head_counts else nested_choices(heads, HEAD_FRACTIONS, group),
         pad_token_id=_token_id(hf_config, "pad_token_id"),
         bos_token_id=_token_id(hf_config, "bos_token_id"),
         eos_token_id=_token_id(hf_config, "eos_token_id"),
@@ -393,7 +393,7 @@ def uniform_losses(model: ElasticLM, batches: Sequence[Tensor], progress: bool =
     """Mean next-token loss of every uniform sub-network (one MLP and one head choice in all
     layers) on ``batches``: the table budgets are resolved with before routers exist."""
     config = model.config
-    pairs = [(m, a) for m in range(len(config.mlp_widths)) for a in range(len(config.head_choices))]
+    pairs = [(m, a) for m in range(len(config.mlp_widths)) for a in range(len(config.head_counts))]
     return [
         UniformLoss(m, a, mean_loss(model, batches, Routing.uniform(config.num_layers, m, a))[0])
         for m, a in tqdm(pairs, desc="sub-network losses", unit="net", disable=not progress)
@@ -407,7 +407,7 @@ def uniform_losses(model: ElasticLM, batches: Sequence[Tensor], progress: bool =
 @dataclass
 class ConvertOptions:
     mlp_widths: Sequence[int] | None = None
-    head_choices: Sequence[int] | None = None
+    head_counts: Sequence[int] | None = None
     seq_len: int = 256
     max_tokens: int = 16384
     batch_size: int = 8
@@ -436,7 +436,7 @@ def convert(
     check_not_source(out, Path(model_dir))
     check_free(out, overwrite)
     # The cheap checks first: a bad tokenizer or too little text is refused before the weights load.
-    config = elastic_config_from_hf(read_hf_config(model_dir), options.mlp_widths, options.head_choices)
+    config = elastic_config_from_hf(read_hf_config(model_dir), options.mlp_widths, options.head_counts)
     tokenizer = load_tokenizer(model_dir)
     batches = list(
         token_windows(
@@ -519,7 +519,7 @@ def export_hf(
                 "heads": heads,
                 "kv_heads": heads // model.config.head_group,
                 "mlp_choice": model.config.mlp_widths.index(width),
-                "attention_choice": model.config.head_choices.index(heads),
+                "attention_choice": model.config.head_counts.index(heads),
             },
         )
     return out
@@ -552,7 +552,7 @@ def hf_submodel(
         raise ValueError(f"need one choice per layer ({layers})")
     for flag, choices, count, what in (
         ("--mlp-choice", mlp_choices, len(config.mlp_widths), "MLP widths"),
-        ("--attention-choice", attention_choices, len(config.head_choices), "head counts"),
+        ("--attention-choice", attention_choices, len(config.head_counts), "head counts"),
     ):
         bad = [c for c in choices if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < count]
         if bad:
@@ -565,7 +565,7 @@ def hf_submodel(
             "one head count for all layers: export a uniform choice (or run the sub-network in flextron)"
         )
     width = config.mlp_widths[mlp_choices[0]]
-    heads = config.head_choices[attention_choices[0]]
+    heads = config.head_counts[attention_choices[0]]
     kv_heads = heads // config.head_group
     d = config.head_dim
     data = dict(source_config)
@@ -578,7 +578,7 @@ def hf_submodel(
         data["n_inner"] = width
     else:
         if config.hidden_size % heads:
-            valid = [h for h in config.head_choices if config.hidden_size % h == 0]
+            valid = [h for h in config.head_counts if config.hidden_size % h == 0]
             raise ValueError(
                 f"transformers' {source_config['model_type']} config requires hidden_size "
                 f"({config.hidden_size}) to be a multiple of the head count, so {heads} heads cannot be "

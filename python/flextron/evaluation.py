@@ -77,7 +77,7 @@ def evaluate_budgets(
         token_windows(tokenizer, texts, seq_len, max_tokens, batch_size, model.config.eos_token_id)
     )
     config = model.config
-    full_layers = config.num_layers * config.layer_params(config.mlp_widths[0], config.head_choices[0])
+    full_layers = config.num_layers * config.layer_params(config.mlp_widths[0], config.head_counts[0])
     fixed = model.num_parameters() - full_layers
     results = []
     for budget in tqdm(budgets, desc="budgets", unit="budget", disable=not progress):

@@ -117,7 +117,7 @@ def measure(
         return layer.attention(layer.attention_norm(x), choice, cache=cache, position_embeddings=rotary)
 
     cases = [("mlp", c) for c in range(len(config.mlp_widths))]
-    cases += [("attention", c) for c in range(len(config.head_choices))]
+    cases += [("attention", c) for c in range(len(config.head_counts))]
     times: dict[str, list[float]] = {"mlp": [], "attention": []}
     for kind, choice in tqdm(cases, desc=f"latency table ({phase})", disable=not progress):
         fn = (

@@ -136,7 +136,7 @@ ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 class ElasticAttention(nn.Module):
     """Causal self-attention with nested query heads: choice ``g`` uses the first
-    ``head_choices[g]`` query heads.
+    ``head_counts[g]`` query heads.
 
     K and V are computed for every KV head (and cached), whatever the routing; only the
     query heads are elastic. The projections are fused in one weight,
@@ -167,7 +167,7 @@ class ElasticAttention(nn.Module):
         self,
         hidden_size: int,
         num_heads: int,
-        head_choices: Sequence[int],
+        head_counts: Sequence[int],
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         qkv_bias: bool = False,
@@ -200,12 +200,12 @@ class ElasticAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.head_choices = check_widths(head_choices, max_width=num_heads, name="head_choices")
+        self.head_counts = check_widths(head_counts, max_width=num_heads, name="head_counts")
         group = num_heads // num_kv_heads
-        if any(h % group for h in self.head_choices):
+        if any(h % group for h in self.head_counts):
             raise ValueError(
-                f"with {num_heads} query heads over {num_kv_heads} KV heads, head_choices must keep whole "
-                f"query groups (multiples of {group}), got {list(self.head_choices)}"
+                f"with {num_heads} query heads over {num_kv_heads} KV heads, head_counts must keep whole "
+                f"query groups (multiples of {group}), got {list(self.head_counts)}"
             )
         factory = {"device": device, "dtype": dtype}
         self.kv_size = 2 * num_kv_heads * head_dim
@@ -216,11 +216,13 @@ class ElasticAttention(nn.Module):
         self.rotary = (
             RotaryEmbedding(head_dim, rope_theta, rope_scaling).to(device) if rope_theta is not None else None
         )
-        self.register_buffer("head_counts", torch.tensor(self.head_choices, device=device), persistent=False)
+        self.register_buffer(
+            "head_count_lookup", torch.tensor(self.head_counts, device=device), persistent=False
+        )
 
     def reset_buffers(self) -> None:
         """Rebuild the unsaved buffer (after loading into a model built on the meta device)."""
-        self.head_counts = torch.tensor(self.head_choices)
+        self.head_count_lookup = torch.tensor(self.head_counts)
 
     @property
     def hidden_size(self) -> int:
@@ -228,7 +230,7 @@ class ElasticAttention(nn.Module):
 
     def qkv_widths(self) -> list[int]:
         """Output widths of the nested QKV GEMM, one per head choice."""
-        return [self.kv_size + h * self.head_dim for h in self.head_choices]
+        return [self.kv_size + h * self.head_dim for h in self.head_counts]
 
     def new_cache(
         self,
@@ -303,9 +305,9 @@ class ElasticAttention(nn.Module):
         """A head count per sequence ([B]) or per token ([B, S]): routed nested GEMMs around
         attention per head band (or FlexAttention for tokens)."""
         batch, steps, _ = x.shape
-        bands = band_sequences(choice, len(self.head_choices)) if mode == "sequence" else None
+        bands = band_sequences(choice, len(self.head_counts)) if mode == "sequence" else None
         token_choice = choice[:, None].expand(batch, steps) if mode == "sequence" else choice
-        plan = route_plan(token_choice.reshape(-1), self.head_choices)
+        plan = route_plan(token_choice.reshape(-1), self.head_counts)
         tokens = permute(x.reshape(batch * steps, -1), plan)
         qkv = nested_linear_n(tokens, self.qkv_proj.weight, plan.offsets, self.qkv_widths())
         if self.qkv_proj.bias is not None:
@@ -318,12 +320,12 @@ class ElasticAttention(nn.Module):
                     "attention_backend='flex' has no backward pass on the CPU (a FlexAttention limit): "
                     "use 'sdpa' to train on the CPU, or run under torch.no_grad()"
                 )
-            out = token_routed_flex_attention(q, k, v, self.head_counts[choice], key_valid)
+            out = token_routed_flex_attention(q, k, v, self.head_count_lookup[choice], key_valid)
         else:
             mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
-            out = banded_attention(q, k, v, self.head_choices, mask, is_causal, bands)
+            out = banded_attention(q, k, v, self.head_counts, mask, is_causal, bands)
         out = out.transpose(1, 2).reshape(batch * steps, self.num_heads * self.head_dim)
-        widths = [h * self.head_dim for h in self.head_choices]
+        widths = [h * self.head_dim for h in self.head_counts]
         y = nested_linear_k(permute(out, plan), self.o_proj.weight, plan.offsets, widths)
         if self.o_proj.bias is not None:
             y = y + self.o_proj.bias
@@ -370,12 +372,12 @@ class ElasticAttention(nn.Module):
         )
 
     def _static_heads(self, choice: int) -> int:
-        if not 0 <= choice < len(self.head_choices):
-            raise ValueError(f"choice must be in [0, {len(self.head_choices)}), got {choice}")
-        return self.head_choices[choice]
+        if not 0 <= choice < len(self.head_counts):
+            raise ValueError(f"choice must be in [0, {len(self.head_counts)}), got {choice}")
+        return self.head_counts[choice]
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"head_choices={list(self.head_choices)}, attention_backend={self.attention_backend!r}"
+            f"head_counts={list(self.head_counts)}, attention_backend={self.attention_backend!r}"
         )

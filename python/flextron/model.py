@@ -39,7 +39,7 @@ class ElasticConfig:
     head_dim: int
     intermediate_size: int
     mlp_widths: tuple[int, ...]
-    head_choices: tuple[int, ...]
+    head_counts: tuple[int, ...]
     max_positions: int = 2048
     norm_eps: float = 1e-5
     activation: str = "swiglu"
@@ -55,7 +55,7 @@ class ElasticConfig:
 
     def __post_init__(self) -> None:
         self.mlp_widths = tuple(int(w) for w in self.mlp_widths)
-        self.head_choices = tuple(int(h) for h in self.head_choices)
+        self.head_counts = tuple(int(h) for h in self.head_counts)
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.architecture not in ("llama", "gpt2"):
@@ -70,9 +70,9 @@ class ElasticConfig:
                 f"mlp_widths must start with the full intermediate_size {self.intermediate_size}, "
                 f"got {list(self.mlp_widths)}"
             )
-        if not self.head_choices or self.head_choices[0] != self.num_heads:
+        if not self.head_counts or self.head_counts[0] != self.num_heads:
             raise ValueError(
-                f"head_choices must start with the full head count {self.num_heads}, got {list(self.head_choices)}"
+                f"head_counts must start with the full head count {self.num_heads}, got {list(self.head_counts)}"
             )
         if self.architecture == "gpt2" and self.rope_theta is not None:
             raise ValueError("gpt2 uses learned positions: rope_theta must be None")
@@ -80,11 +80,14 @@ class ElasticConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mlp_widths"] = list(self.mlp_widths)
-        data["head_choices"] = list(self.head_choices)
+        data["head_counts"] = list(self.head_counts)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ElasticConfig:
+        data = dict(data)
+        if "head_choices" in data and "head_counts" not in data:  # checkpoints before the rename
+            data["head_counts"] = data.pop("head_choices")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -97,11 +100,11 @@ class ElasticConfig:
 
     def layer_fraction(self, mlp_choice: int, attention_choice: int) -> float:
         """A layer's weights at these choices, as a share of the full layer's."""
-        full = self.layer_params(self.mlp_widths[0], self.head_choices[0])
-        return self.layer_params(self.mlp_widths[mlp_choice], self.head_choices[attention_choice]) / full
+        full = self.layer_params(self.mlp_widths[0], self.head_counts[0])
+        return self.layer_params(self.mlp_widths[mlp_choice], self.head_counts[attention_choice]) / full
 
     def smallest_fraction(self) -> float:
-        return self.layer_fraction(len(self.mlp_widths) - 1, len(self.head_choices) - 1)
+        return self.layer_fraction(len(self.mlp_widths) - 1, len(self.head_counts) - 1)
 
     def layer_params(self, mlp_width: int, heads: int) -> int:
         """Weights one transformer layer uses at these widths (K/V always for all KV heads)."""
@@ -131,7 +134,7 @@ class DynamicRouting(Protocol):
 @dataclass
 class Routing:
     """Per-layer width choices: ``mlp[i]`` indexes ``config.mlp_widths`` and ``attention[i]``
-    indexes ``config.head_choices`` for layer ``i`` (an int, a ``[B]`` or a ``[B, S]``
+    indexes ``config.head_counts`` for layer ``i`` (an int, a ``[B]`` or a ``[B, S]``
     tensor). ``mlp_scale[i]`` / ``attention_scale[i]`` (optional: a scalar tensor for the
     layer, or ``[B, S]`` per token) multiply that block's output: a router's probability of
     its choice, which is 1 in the forward pass with straight-through Gumbel-softmax and
@@ -193,7 +196,7 @@ class Block(nn.Module):
         self.attention = ElasticAttention(
             config.hidden_size,
             config.num_heads,
-            config.head_choices,
+            config.head_counts,
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
             qkv_bias=config.qkv_bias,
@@ -401,9 +404,9 @@ class ElasticLM(nn.Module):
     def active_parameters(self, mlp_choices: Sequence[int], attention_choices: Sequence[int]) -> int:
         """Parameters a static routing uses (one MLP and one head choice per layer)."""
         config = self.config
-        full_layer = config.layer_params(config.mlp_widths[0], config.head_choices[0])
+        full_layer = config.layer_params(config.mlp_widths[0], config.head_counts[0])
         dropped = sum(
-            full_layer - config.layer_params(config.mlp_widths[m], config.head_choices[a])
+            full_layer - config.layer_params(config.mlp_widths[m], config.head_counts[a])
             for m, a in zip(mlp_choices, attention_choices, strict=True)
         )
         return self.num_parameters() - dropped

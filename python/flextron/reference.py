@@ -240,7 +240,7 @@ def elastic_lm(model, input_ids: Tensor, mlp_choice: Tensor, attention_choice: T
         x = x + model.embed_positions(positions)
     if model.rotary is not None:
         cos, sin = model.rotary(positions)
-    head_counts = torch.tensor(config.head_choices, device=input_ids.device)
+    head_counts = torch.tensor(config.head_counts, device=input_ids.device)
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.attention, layer.mlp
         x = x + elastic_attention(

@@ -116,7 +116,7 @@ class BudgetRouter(nn.Module):
         super().__init__()
         self.encode = BudgetEncoding(budgets)
         self.layers = config.num_layers
-        self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_choices)
+        self.mlp_choices, self.attention_choices = len(config.mlp_widths), len(config.head_counts)
 
     def _add_prior(self) -> None:
         # Registered after the subclass's nets: saved optimizer states index parameters in order.

@@ -58,10 +58,10 @@ def sample_subnetwork(
     layers = model_config.num_layers
     if torch.rand((), generator=generator) < config.p_full:
         return Routing.uniform(layers)
-    mlp_choices, head_choices = len(model_config.mlp_widths), len(model_config.head_choices)
+    mlp_choices, head_counts = len(model_config.mlp_widths), len(model_config.head_counts)
     count = 1 if config.sample == "global" else layers
     mlp = torch.randint(mlp_choices, (count,), generator=generator).tolist()
-    attention = torch.randint(head_choices, (count,), generator=generator).tolist()
+    attention = torch.randint(head_counts, (count,), generator=generator).tolist()
     if count == 1:
         return Routing.uniform(layers, mlp[0], attention[0])
     return Routing(mlp, attention)

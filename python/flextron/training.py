@@ -413,7 +413,7 @@ class Trainer:
         if self.config.stage == "routers":
             model_config = self.model.config
             features = model_config.num_layers * (
-                len(model_config.mlp_widths) + len(model_config.head_choices)
+                len(model_config.mlp_widths) + len(model_config.head_counts)
             )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed + 1)

@@ -31,7 +31,7 @@ class AttentionShape:
     kv_heads: int
     head_dim: int
 
-    def head_choices(self) -> list[int]:
+    def head_counts(self) -> list[int]:
         group = self.heads // self.kv_heads
         counts = [max(group, round(self.heads * f / group) * group) for f in HEAD_FRACTIONS]
         return sorted(set(counts), reverse=True)
@@ -134,7 +134,7 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
     dense = PlainAttention.slice(layer, shape.heads)
     common = {"phase": "prefill", "shape": name, "batch": 1, "tokens": steps, "dtype": str(dtype)[6:]}
 
-    for g, heads in enumerate(layer.head_choices):
+    for g, heads in enumerate(layer.head_counts):
         sliced = PlainAttention.slice(layer, heads)
         fns = {
             "ours": lambda g=g: layer(x, g, position_embeddings=(cos, sin)),
@@ -151,8 +151,8 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
             ideal,
         )
 
-    choice = mixed_choice(1, steps, len(layer.head_choices), device)
-    token_heads = layer.head_counts[choice].reshape(-1)
+    choice = mixed_choice(1, steps, len(layer.head_counts), device)
+    token_heads = layer.head_count_lookup[choice].reshape(-1)
     proportional = layer_flops(shape, token_heads, keys) / full_flops
     for backend in ("sdpa", "flex"):
         layer.attention_backend = backend
@@ -168,13 +168,13 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
 
 def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat):
     """A batch with one sequence per head choice (requests with different budgets)."""
-    groups = len(layer.head_choices)
+    groups = len(layer.head_counts)
     x = torch.randn(groups, steps, shape.hidden, dtype=dtype, device=device)
     cos, sin = layer.rotary(torch.arange(steps, device=device)[None].expand(groups, steps))
     choice = torch.arange(groups)  # on the host: no device sync to group the sequences
     keys = torch.arange(1, steps + 1, device=device).repeat(groups)
     full = layer_flops(shape, torch.full((groups * steps,), shape.heads, device=device), keys)
-    heads = torch.tensor(layer.head_choices, device=device).repeat_interleave(steps)
+    heads = torch.tensor(layer.head_counts, device=device).repeat_interleave(steps)
     ideal = layer_flops(shape, heads, keys) / full
     dense = PlainAttention.slice(layer, shape.heads)
     fns = {
@@ -209,18 +209,18 @@ def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repe
     kv = (cache.k.clone(), cache.v.clone(), cached + 1)
     dense = PlainAttention.slice(layer, shape.heads)
     common = {"phase": "decode", "shape": name, "batch": batch, "tokens": cached, "dtype": str(dtype)[6:]}
-    cases = [(f"static {h}/{shape.heads} heads", g, "sdpa") for g, h in enumerate(layer.head_choices)]
-    choice = mixed_choice(batch, 1, len(layer.head_choices), device)
+    cases = [(f"static {h}/{shape.heads} heads", g, "sdpa") for g, h in enumerate(layer.head_counts)]
+    choice = mixed_choice(batch, 1, len(layer.head_counts), device)
     cases += [("per-token uniform mix", choice, "sdpa"), ("per-token uniform mix", choice, "flex")]
     for case, choice_arg, backend in cases:
         layer.attention_backend = backend
         fns = {"ours": lambda c=choice_arg: step(c), "dense": lambda: dense(x, cos, sin, kv)}
         if isinstance(choice_arg, int):
-            heads = torch.full((batch,), layer.head_choices[choice_arg], device=device)
-            sliced = PlainAttention.slice(layer, layer.head_choices[choice_arg])
+            heads = torch.full((batch,), layer.head_counts[choice_arg], device=device)
+            sliced = PlainAttention.slice(layer, layer.head_counts[choice_arg])
             fns["sliced"] = lambda sliced=sliced: sliced(x, cos, sin, kv)
         else:
-            heads = layer.head_counts[choice_arg].reshape(-1)
+            heads = layer.head_count_lookup[choice_arg].reshape(-1)
         ideal = layer_flops(shape, heads, keys) / full_flops
         add_row(results, common, case, backend, time_all(fns, device, repeat), ideal)
     layer.attention_backend = "sdpa"
@@ -244,7 +244,7 @@ def run(options: BenchOptions) -> Path:
             layer = ElasticAttention(
                 shape.hidden,
                 shape.heads,
-                shape.head_choices(),
+                shape.head_counts(),
                 num_kv_heads=shape.kv_heads,
                 head_dim=shape.head_dim,
                 device=device,

@@ -31,7 +31,7 @@ class ModelShape:
     kv_heads: int
     intermediate: int
     mlp_widths: tuple[int, ...]
-    head_choices: tuple[int, ...]
+    head_counts: tuple[int, ...]
 
     def config(self) -> ElasticConfig:
         return ElasticConfig(
@@ -44,7 +44,7 @@ class ModelShape:
             head_dim=self.hidden // self.heads,
             intermediate_size=self.intermediate,
             mlp_widths=self.mlp_widths,
-            head_choices=self.head_choices,
+            head_counts=self.head_counts,
             max_positions=8192,
             rope_theta=500000.0,
         )
@@ -80,7 +80,7 @@ UNIFORM_CASES = ((0, 0), (1, 0), (2, 1), (3, 2))
 def layer_flops(config: ElasticConfig, mlp: int, attention: int, tokens: int) -> float:
     """Matmul FLOPs of one layer over a causal prefill of ``tokens`` tokens. The ideal time of
     a routed model is the full model's time x its share of the FLOPs (LM head included)."""
-    heads = config.head_choices[attention]
+    heads = config.head_counts[attention]
     weights = config.layer_params(config.mlp_widths[mlp], heads)
     core = 2 * 2 * heads * config.head_dim * tokens * (tokens + 1) / 2
     return 2 * weights * tokens + core
@@ -162,7 +162,7 @@ def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int
         for _ in range(config.num_layers)
     ]
     attention_choice = [
-        torch.randint(0, len(config.head_choices), (1, tokens), generator=gen).to(device)
+        torch.randint(0, len(config.head_counts), (1, tokens), generator=gen).to(device)
         for _ in range(config.num_layers)
     ]
     routing = Routing(mlp_choice, attention_choice)
@@ -184,13 +184,13 @@ def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int
 def _token_flops(config: ElasticConfig, mlp_choice, attention_choice, tokens: int) -> float:
     """Projection FLOPs of each token at its own widths, plus its causal core attention."""
     total = 0.0
-    head_counts = torch.tensor(config.head_choices, dtype=torch.float64)
+    head_counts = torch.tensor(config.head_counts, dtype=torch.float64)
     positions = torch.arange(1, tokens + 1, dtype=torch.float64)
     for mlp, attention in zip(mlp_choice, attention_choice, strict=True):
         for m in range(len(config.mlp_widths)):
-            for a in range(len(config.head_choices)):
+            for a in range(len(config.head_counts)):
                 count = ((mlp == m) & (attention == a)).sum().item()
-                total += 2 * config.layer_params(config.mlp_widths[m], config.head_choices[a]) * count
+                total += 2 * config.layer_params(config.mlp_widths[m], config.head_counts[a]) * count
         heads = head_counts[attention.reshape(-1).cpu()]
         total += (4 * config.head_dim * heads * positions).sum().item()
     return total
