@@ -17,7 +17,7 @@ inline Activation parse_activation(const std::string& name) {
   if (name == "swiglu") return Activation::kSwiGLU;
   if (name == "gelu") return Activation::kGelu;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(false, "activation must be 'swiglu', 'gelu' or 'gelu_tanh', got '", name, "'");
+  TORCH_CHECK_VALUE(false, "activation must be 'swiglu', 'gelu' or 'gelu_tanh', got '", name, "'");
 }
 
 // Forward: swiglu = silu(gate) * h; gelu / gelu_tanh of h (gate unused).
@@ -71,17 +71,19 @@ inline ActivationProblem check_activation_inputs(const at::Tensor& h,
                                                  const std::string& activation) {
   ActivationProblem problem{parse_activation(activation), {}};
   check_dtype_float(h, "h");
-  TORCH_CHECK(h.dim() == 2, "h must be 2-D [M, D], got shape ", h.sizes());
+  TORCH_CHECK_VALUE(h.dim() == 2, "h must be 2-D [M, D], got shape ", h.sizes());
   if (problem.kind == Activation::kSwiGLU) {
-    TORCH_CHECK(gate.has_value(), "activation 'swiglu' needs gate");
-    TORCH_CHECK(gate->sizes() == h.sizes(), "gate must have the shape of h ", h.sizes(), ", got ",
-                gate->sizes());
-    TORCH_CHECK(gate->scalar_type() == h.scalar_type(), "gate and h must have the same dtype, got ",
-                gate->scalar_type(), " and ", h.scalar_type());
+    TORCH_CHECK_VALUE(gate.has_value(), "activation 'swiglu' needs gate");
+    TORCH_CHECK_VALUE(gate->sizes() == h.sizes(), "gate must have the shape of h ", h.sizes(),
+                      ", got ", gate->sizes());
+    TORCH_CHECK_TYPE(gate->scalar_type() == h.scalar_type(),
+                     "gate and h must have the same dtype, got ", gate->scalar_type(), " and ",
+                     h.scalar_type());
     check_same_device(*gate, "gate", h, "h");
   } else {
-    TORCH_CHECK(!gate.has_value(), "gate is only used by activation 'swiglu', got activation '",
-                activation, "'");
+    TORCH_CHECK_VALUE(!gate.has_value(),
+                      "gate is only used by activation 'swiglu', got activation '", activation,
+                      "'");
   }
   problem.widths = read_widths(widths, h.size(1), "D (h.size(1))");
   check_offsets_shape(offsets, static_cast<int64_t>(problem.widths.size()), h);
@@ -92,9 +94,9 @@ inline ActivationProblem check_activation_backward_inputs(
     const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& gate,
     const at::Tensor& offsets, const at::Tensor& widths, const std::string& activation) {
   auto problem = check_activation_inputs(h, gate, offsets, widths, activation);
-  TORCH_CHECK(grad.sizes() == h.sizes() && grad.scalar_type() == h.scalar_type(),
-              "grad must match h (", h.sizes(), ", ", h.scalar_type(), "), got ", grad.sizes(),
-              ", ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == h.sizes() && grad.scalar_type() == h.scalar_type(),
+                    "grad must match h (", h.sizes(), ", ", h.scalar_type(), "), got ",
+                    grad.sizes(), ", ", grad.scalar_type());
   check_same_device(grad, "grad", h, "h");
   return problem;
 }

@@ -26,31 +26,34 @@ inline GroupWidths check_nested_inputs(NestedGemmKind kind, const at::Tensor& a,
   const char* a_name = forward ? "x" : "grad_out";
   const char* b_name = forward ? "weight" : "x";
   check_dtype_float(a, a_name);
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name,
+                   " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
   check_same_device(a, a_name, b, b_name);
-  TORCH_CHECK(a.dim() == 2, a_name, " must be 2-D, got shape ", a.sizes());
-  TORCH_CHECK(b.dim() == 2, b_name, " must be 2-D, got shape ", b.sizes());
+  TORCH_CHECK_VALUE(a.dim() == 2, a_name, " must be 2-D, got shape ", a.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 2, b_name, " must be 2-D, got shape ", b.sizes());
   std::vector<int64_t> values;
   switch (kind) {
     case NestedGemmKind::kNestedN:  // x [M, K], weight [Nmax, K]
-      TORCH_CHECK(a.size(1) == b.size(1), "x [M, K] and weight [Nmax, K] must share K, got ",
-                  a.sizes(), " and ", b.sizes());
+      TORCH_CHECK_VALUE(a.size(1) == b.size(1), "x [M, K] and weight [Nmax, K] must share K, got ",
+                        a.sizes(), " and ", b.sizes());
       values = read_widths(widths, b.size(0), "weight rows Nmax");
       break;
     case NestedGemmKind::kNestedK:  // x [M, Kmax], weight [N, Kmax]
-      TORCH_CHECK(a.size(1) == b.size(1), "x [M, Kmax] and weight [N, Kmax] must share Kmax, got ",
-                  a.sizes(), " and ", b.sizes());
+      TORCH_CHECK_VALUE(a.size(1) == b.size(1),
+                        "x [M, Kmax] and weight [N, Kmax] must share Kmax, got ", a.sizes(),
+                        " and ", b.sizes());
       values = read_widths(widths, a.size(1), "Kmax");
       break;
     case NestedGemmKind::kWeightGradN:  // grad_out [M, Nmax], x [M, K]
-      TORCH_CHECK(a.size(0) == b.size(0), "grad_out [M, Nmax] and x [M, K] must share M, got ",
-                  a.sizes(), " and ", b.sizes());
+      TORCH_CHECK_VALUE(a.size(0) == b.size(0),
+                        "grad_out [M, Nmax] and x [M, K] must share M, got ", a.sizes(), " and ",
+                        b.sizes());
       values = read_widths(widths, a.size(1), "grad_out columns Nmax");
       break;
     case NestedGemmKind::kWeightGradK:  // grad_out [M, N], x [M, Kmax]
-      TORCH_CHECK(a.size(0) == b.size(0), "grad_out [M, N] and x [M, Kmax] must share M, got ",
-                  a.sizes(), " and ", b.sizes());
+      TORCH_CHECK_VALUE(a.size(0) == b.size(0),
+                        "grad_out [M, N] and x [M, Kmax] must share M, got ", a.sizes(), " and ",
+                        b.sizes());
       values = read_widths(widths, b.size(1), "x columns Kmax");
       break;
   }

@@ -317,25 +317,25 @@ def test_rejects_bad_shapes(fn, args, error, match):
 
 def test_rejects_bad_offsets_dtype_device():
     x, w = torch.randn(5, 8), torch.randn(16, 8)
-    with pytest.raises(RuntimeError, match="offsets must end at the number of rows M=5, got 4"):
+    with pytest.raises(ValueError, match="offsets must end at the number of rows M=5, got 4"):
         flextron.nested_linear_n(x, w, torch.tensor([0, 2, 4], dtype=torch.int32), [16, 8])
-    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
         flextron.nested_linear_n(x, w, torch.tensor([0, 4, 2, 5], dtype=torch.int32), [16, 8, 4])
-    with pytest.raises(RuntimeError, match="offsets must start at 0"):
+    with pytest.raises(ValueError, match="offsets must start at 0"):
         flextron.nested_linear_n(x, w, torch.tensor([1, 2, 5], dtype=torch.int32), [16, 8])
-    with pytest.raises(RuntimeError, match=r"offsets must have len\(widths\)\+1=3 entries, got 2"):
+    with pytest.raises(ValueError, match=r"offsets must have len\(widths\)\+1=3 entries, got 2"):
         flextron.nested_linear_n(x, w, torch.tensor([0, 5], dtype=torch.int32), [16, 8])
-    with pytest.raises(RuntimeError, match="offsets must be Int"):
+    with pytest.raises(TypeError, match="offsets must be Int"):
         flextron.nested_linear_n(x, w, torch.tensor([0, 2, 5]), [16, 8])
-    with pytest.raises(RuntimeError, match="must have the same dtype"):
+    with pytest.raises(TypeError, match="must have the same dtype"):
         flextron.nested_linear_n(x, w.double(), torch.tensor([0, 2, 5], dtype=torch.int32), [16, 8])
-    with pytest.raises(RuntimeError, match="widths must be Int"):
+    with pytest.raises(TypeError, match="widths must be Int"):
         ops.nested_linear_n(x, w, torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([16, 8]))
-    with pytest.raises(RuntimeError, match=r"widths must be strictly decreasing, got \[8, 16\]"):
+    with pytest.raises(ValueError, match=r"widths must be strictly decreasing, got \[8, 16\]"):
         ops.nested_linear_n(
             x, w, torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([8, 16], dtype=torch.int32)
         )
-    with pytest.raises(RuntimeError, match="x must be float64, float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="x must be float64, float32, float16 or bfloat16"):
         flextron.nested_linear_n(x.int(), w.int(), torch.tensor([0, 2, 5], dtype=torch.int32), [16, 8])
 
 
@@ -363,9 +363,9 @@ def test_cuda_any_width_and_strided_offsets(dtype):
 def test_cuda_rejects_bad_input():
     x, w = torch.randn(5, 16, device="cuda"), torch.randn(24, 16, device="cuda")
     offsets = torch.tensor([0, 2, 5], dtype=torch.int32, device="cuda")
-    with pytest.raises(RuntimeError, match="must be on the same device"):
+    with pytest.raises(ValueError, match="must be on the same device"):
         flextron.nested_linear_n(x, w.cpu(), offsets, [24, 16])
-    with pytest.raises(RuntimeError, match="offsets and x must be on the same device"):
+    with pytest.raises(ValueError, match="offsets and x must be on the same device"):
         flextron.nested_linear_n(x, w, offsets.cpu(), [24, 16])
 
 
@@ -388,3 +388,15 @@ def test_inputs_at_any_element_offset(device, dtype):
     ours = flextron.nested_weight_grad(dy, x, plan.offsets, plan.widths)
     exact = reference.nested_weight_grad(dy.double(), exact_x, plan.offsets, widths)
     assert_close_to_reference(ours, reference.nested_weight_grad(dy, x, plan.offsets, widths), exact)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_widths_mistake_raises_the_same_error_as_a_list_or_a_tensor(as_tensor):
+    """The list is checked in Python, the tensor in C++ (TORCH_CHECK_VALUE): both ValueError."""
+    x, w = torch.randn(4, 8), torch.randn(16, 8)
+    offsets = torch.tensor([0, 2, 4], dtype=torch.int32)
+    widths = torch.tensor([8, 16], dtype=torch.int32) if as_tensor else [8, 16]
+    with pytest.raises(ValueError, match=r"widths must be strictly decreasing, got \[8, 16\]"):
+        flextron.nested_linear_n(x, w, offsets, widths)
+    with pytest.raises(TypeError, match="offsets must be Int"):
+        flextron.nested_linear_n(x, w, offsets.long(), [16, 8])

@@ -18,8 +18,8 @@ void counting_sort(const index_t* choice, int64_t tokens, int64_t groups, int64_
   std::vector<int64_t> counts(groups, 0);
   for (int64_t t = 0; t < tokens; ++t) {
     const index_t c = choice[t];
-    TORCH_CHECK(c >= 0 && c < groups, "choice values must be in [0, ", groups, "), got ",
-                static_cast<int64_t>(c), " at token ", t);
+    TORCH_CHECK_VALUE(c >= 0 && c < groups, "choice values must be in [0, ", groups, "), got ",
+                      static_cast<int64_t>(c), " at token ", t);
     ++counts[c];
   }
   std::vector<int64_t> cursor(groups, 0);
@@ -58,8 +58,8 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& perm) {
   const int64_t row_bytes = src.numel() / rows * src.element_size();
   const int64_t* idx = p.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "perm values must be in [0, ", rows, "), got ",
-                idx[i], " at position ", i);
+    TORCH_CHECK_VALUE(idx[i] >= 0 && idx[i] < rows, "perm values must be in [0, ", rows, "), got ",
+                      idx[i], " at position ", i);
   }
   const char* in_bytes = static_cast<const char*>(src.data_ptr());
   char* out_bytes = static_cast<char*>(out.data_ptr());
@@ -87,10 +87,10 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& perm,
   const int64_t* idx = p.data_ptr<int64_t>();
   std::vector<bool> reached(rows, false);
   for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "perm values must be in [0, ", rows, "), got ",
-                idx[i], " at position ", i);
-    TORCH_CHECK(!reached[idx[i]], "perm must be a permutation of [0, ", rows, "), got ", idx[i],
-                " twice");
+    TORCH_CHECK_VALUE(idx[i] >= 0 && idx[i] < rows, "perm values must be in [0, ", rows, "), got ",
+                      idx[i], " at position ", i);
+    TORCH_CHECK_VALUE(!reached[idx[i]], "perm must be a permutation of [0, ", rows, "), got ",
+                      idx[i], " twice");
     reached[idx[i]] = true;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
