@@ -85,20 +85,44 @@ void run_sm90_typed(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& 
 }
 #endif
 
-void run_grouped(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
-                 const at::Tensor& offsets, const GroupWidths& widths, bool sm90) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+void zero_tails(at::Tensor& out, const at::Tensor& offsets, const GroupWidths& widths);
+
 #ifdef FLEXTRON_HAS_SM90
-  if (sm90) {
-    if (a.scalar_type() == at::kBFloat16) {
-      run_sm90_typed<at::kBFloat16>(kind, a, b, out, offsets, widths, stream);
-    } else {
-      run_sm90_typed<at::kHalf>(kind, a, b, out, offsets, widths, stream);
-    }
+// The sm90 backend and its output contract: operands copied where TMA needs alignment, the
+// rows/columns past widths[0] of a weight gradient zeroed (the kernel writes the bands), and
+// for nested_linear_n the tails past each row's width zeroed when asked.
+void run_sm90(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+              const at::Tensor& offsets, const GroupWidths& widths, bool zero_tails_out) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool weight_grad =
+      kind == NestedGemmKind::kWeightGradN || kind == NestedGemmKind::kWeightGradK;
+  const auto a_tma = tma_row_major(a);
+  const auto b_tma = weight_grad ? tma_row_major(b) : tma_weight(b);
+  if (weight_grad) {
+    const int dim = kind == NestedGemmKind::kWeightGradN ? 0 : 1;
+    out.narrow(dim, widths.values[0], out.size(dim) - widths.values[0]).zero_();
+  }
+  if (a.scalar_type() == at::kBFloat16) {
+    run_sm90_typed<at::kBFloat16>(kind, a_tma, b_tma, out, offsets, widths, stream);
+  } else {
+    run_sm90_typed<at::kHalf>(kind, a_tma, b_tma, out, offsets, widths, stream);
+  }
+  if (kind == NestedGemmKind::kNestedN && zero_tails_out) zero_tails(out, offsets, widths);
+}
+#endif
+
+// The grouped GEMM on the first backend that can run it; each writes every element of
+// `out` the op's contract defines (the SIMT kernel takes any dtype, width and strides and
+// writes the zeros itself).
+void run_grouped(NestedGemmKind kind, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+                 const at::Tensor& offsets, const GroupWidths& widths, bool zero_tails_out) {
+#ifdef FLEXTRON_HAS_SM90
+  if (use_sm90(kind, a, b, widths)) {
+    run_sm90(kind, a, b, out, offsets, widths, zero_tails_out);
     return;
   }
 #endif
-  nested_gemm_simt(kind, a, b, out, offsets, widths, stream);
+  nested_gemm_simt(kind, a, b, out, offsets, widths, at::cuda::getCurrentCUDAStream());
 }
 
 // Zeros columns [width of the row's group, cols) of every row. Any dtype and width: 16-byte
@@ -164,16 +188,13 @@ at::Tensor nested_linear_n_cuda(const at::Tensor& x, const at::Tensor& weight,
   auto out = at::empty({x.size(0), weight.size(0)}, x.options());
   if (x.size(0) == 0) return out;
   if (x.size(1) == 0) return out.zero_();
-  if (use_dense(x)) {  // columns [width, widths[0]) hold full-width values until zeroed
-    auto head = out.narrow(1, 0, widths.values[0]);
-    at::mm_out(head, x, weight.narrow(0, 0, widths.values[0]).t());
-  } else {
-    const bool sm90 = use_sm90(NestedGemmKind::kNestedN, x, weight, widths);
-    const auto a = sm90 ? tma_row_major(x) : x;
-    run_grouped(NestedGemmKind::kNestedN, a, sm90 ? tma_weight(weight) : weight, out, offsets,
-                widths, sm90);
-    if (!sm90) return out;  // the SIMT kernel writes the zeros itself
+  if (!use_dense(x)) {
+    run_grouped(NestedGemmKind::kNestedN, x, weight, out, offsets, widths, zero_tails_out);
+    return out;
   }
+  // Dense: columns [width, widths[0]) hold full-width values until zeroed.
+  auto head = out.narrow(1, 0, widths.values[0]);
+  at::mm_out(head, x, weight.narrow(0, 0, widths.values[0]).t());
   if (zero_tails_out) zero_tails(out, offsets, widths);
   return out;
 }
@@ -192,14 +213,12 @@ at::Tensor nested_linear_k_cuda(const at::Tensor& x, const at::Tensor& weight,
     zero_tails(masked, offsets, widths);
     return at::mm_out(out, masked, weight.narrow(1, 0, widths.values[0]).t());
   }
-  const bool sm90 = use_sm90(NestedGemmKind::kNestedK, x, weight, widths);
-  run_grouped(NestedGemmKind::kNestedK, sm90 ? tma_row_major(x) : x,
-              sm90 ? tma_weight(weight) : weight, out, offsets, widths, sm90);
+  run_grouped(NestedGemmKind::kNestedK, x, weight, out, offsets, widths, false);
   return out;
 }
 
 // kWeightGradN: out [Nmax, K], rows >= widths[0] zero; kWeightGradK: out [N, Kmax], columns
-// >= widths[0] zero. The sm90 kernel writes the bands; the SIMT kernel writes everything.
+// >= widths[0] zero (each backend writes all of it: run_grouped).
 at::Tensor weight_grad_cuda(NestedGemmKind kind, const at::Tensor& grad_out, const at::Tensor& x,
                             const at::Tensor& offsets_in, const at::Tensor& widths_in) {
   const auto widths = check_nested_inputs(kind, grad_out, x, offsets_in, widths_in);
@@ -208,13 +227,7 @@ at::Tensor weight_grad_cuda(NestedGemmKind kind, const at::Tensor& grad_out, con
   const auto shape = nested_output_shape(kind, grad_out, x);
   auto out = at::empty(shape, x.options());
   if (x.size(0) == 0 || out.numel() == 0) return out.zero_();
-  const bool sm90 = use_sm90(kind, grad_out, x, widths);
-  if (sm90) {
-    const int dim = kind == NestedGemmKind::kWeightGradN ? 0 : 1;
-    out.narrow(dim, widths.values[0], out.size(dim) - widths.values[0]).zero_();
-  }
-  run_grouped(kind, sm90 ? tma_row_major(grad_out) : grad_out, sm90 ? tma_row_major(x) : x, out,
-              offsets, widths, sm90);
+  run_grouped(kind, grad_out, x, out, offsets, widths, false);
   return out;
 }
 
