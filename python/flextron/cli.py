@@ -304,7 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Start with `flextron demo`; every command's --help lists its flags.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_train(sub)
+    _add_lut(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="a Hugging Face model -> an elastic checkpoint (importance-sorted)")
     p.add_argument("--model", help="local Hugging Face model directory (default: the embedded SmolLM2-135M)")
     p.add_argument(
@@ -325,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, seeded=False)
     p.set_defaults(run=cmd_convert)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="elastic training, router training, or both jointly")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint to start from")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, latency.json)")
@@ -344,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, device=None, seed=None)
     p.set_defaults(run=cmd_train)
 
+
+def _add_lut(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lut", help="measure the latency lookup table on this device")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -359,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(run=cmd_lut)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity per budget (table, JSON, plot)")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--data", help="a .txt file or a directory of them (default: held-out Shakespeare)")
@@ -376,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, seeded=False)
     p.set_defaults(run=cmd_eval)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a static sub-network -> a plain Hugging Face checkpoint")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--out", required=True, help="output directory")
@@ -387,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, seeded=False, progress=False, dtype_help="dtype of the written weights")
     p.set_defaults(run=cmd_export)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt at a budget")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -398,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, progress=False)
     p.set_defaults(run=cmd_generate)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="kernel, layer and model benchmarks on this device (ratios vs baselines)"
     )
@@ -410,12 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
     p.set_defaults(run=cmd_bench)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole method on the embedded SmolLM2-135M, in one command")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); rerun to resume")
     p.add_argument("--quick", action="store_true", help="a smoke run with tiny step counts")
     _common(p)
     p.set_defaults(run=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

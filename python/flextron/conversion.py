@@ -147,53 +147,15 @@ def elastic_config_from_hf(
     the query heads (whole GQA groups)."""
     check_supported(hf_config)
     if hf_config.model_type == "gpt2":
-        hidden, heads = hf_config.n_embd, hf_config.n_head
-        inner = hf_config.n_inner or 4 * hidden
-        common: dict[str, Any] = {
-            "architecture": "gpt2",
-            "num_layers": hf_config.n_layer,
-            "num_kv_heads": heads,
-            "head_dim": hidden // heads,
-            "max_positions": hf_config.n_positions,
-            "norm_eps": hf_config.layer_norm_epsilon,
-            "activation": "gelu" if hf_config.activation_function == "gelu" else "gelu_tanh",
-            "rope_theta": None,
-            "tie_embeddings": True,
-            "qkv_bias": True,
-            "out_bias": True,
-            "mlp_bias": True,
-        }
+        hidden, heads, inner = hf_config.n_embd, hf_config.n_head, hf_config.n_inner or 4 * hf_config.n_embd
+        common = _gpt2_fields(hf_config)
     else:
-        hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
-        inner = hf_config.intermediate_size
-        rope = _rope_parameters(hf_config)
-        kind = rope.get("rope_type", "default")
-        scaling = None
-        if kind == "linear":
-            scaling = RopeScaling("linear", float(rope["factor"]))
-        elif kind == "llama3":
-            scaling = RopeScaling(
-                "llama3",
-                float(rope["factor"]),
-                float(rope["low_freq_factor"]),
-                float(rope["high_freq_factor"]),
-                int(rope["original_max_position_embeddings"]),
-            )
-        common = {
-            "architecture": "llama",
-            "num_layers": hf_config.num_hidden_layers,
-            "num_kv_heads": hf_config.num_key_value_heads or heads,
-            "head_dim": getattr(hf_config, "head_dim", None) or hidden // heads,
-            "max_positions": hf_config.max_position_embeddings,
-            "norm_eps": hf_config.rms_norm_eps,
-            "activation": "swiglu",
-            "rope_theta": float(rope.get("rope_theta", 10000.0)),
-            "rope_scaling": scaling,
-            "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            "qkv_bias": bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2",
-            "out_bias": bool(getattr(hf_config, "attention_bias", False)),
-            "mlp_bias": False,
-        }
+        hidden, heads, inner = (
+            hf_config.hidden_size,
+            hf_config.num_attention_heads,
+            hf_config.intermediate_size,
+        )
+        common = _llama_fields(hf_config)
     group = heads // common["num_kv_heads"]
     return ElasticConfig(
         vocab_size=hf_config.vocab_size,
@@ -207,6 +169,58 @@ def elastic_config_from_hf(
         eos_token_id=_token_id(hf_config, "eos_token_id"),
         **common,
     )
+
+
+def _gpt2_fields(hf_config) -> dict[str, Any]:
+    """The ElasticConfig fields of a GPT-2 config (beyond the sizes)."""
+    hidden, heads = hf_config.n_embd, hf_config.n_head
+    return {
+        "architecture": "gpt2",
+        "num_layers": hf_config.n_layer,
+        "num_kv_heads": heads,
+        "head_dim": hidden // heads,
+        "max_positions": hf_config.n_positions,
+        "norm_eps": hf_config.layer_norm_epsilon,
+        "activation": "gelu" if hf_config.activation_function == "gelu" else "gelu_tanh",
+        "rope_theta": None,
+        "tie_embeddings": True,
+        "qkv_bias": True,
+        "out_bias": True,
+        "mlp_bias": True,
+    }
+
+
+def _llama_fields(hf_config) -> dict[str, Any]:
+    """The ElasticConfig fields of a Llama-family config (beyond the sizes)."""
+    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    rope = _rope_parameters(hf_config)
+    kind = rope.get("rope_type", "default")
+    scaling = None
+    if kind == "linear":
+        scaling = RopeScaling("linear", float(rope["factor"]))
+    elif kind == "llama3":
+        scaling = RopeScaling(
+            "llama3",
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )
+    return {
+        "architecture": "llama",
+        "num_layers": hf_config.num_hidden_layers,
+        "num_kv_heads": hf_config.num_key_value_heads or heads,
+        "head_dim": getattr(hf_config, "head_dim", None) or hidden // heads,
+        "max_positions": hf_config.max_position_embeddings,
+        "norm_eps": hf_config.rms_norm_eps,
+        "activation": "swiglu",
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+        "rope_scaling": scaling,
+        "tie_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
+        "qkv_bias": bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2",
+        "out_bias": bool(getattr(hf_config, "attention_bias", False)),
+        "mlp_bias": False,
+    }
 
 
 def _token_id(hf_config, name: str) -> int | None:
@@ -525,24 +539,11 @@ def export_hf(
     return out
 
 
-def hf_submodel(
-    model: ElasticLM,
-    source_config: dict[str, Any],
-    mlp_choice: int | Sequence[int],
-    attention_choice: int | Sequence[int],
-):
-    """``(hf_model, mlp_width, heads)``: the static sub-network as a plain transformers model
-    (in memory, the model's dtype and device) built from ``source_config`` (the source
-    model's config dict) with the sub-network's sizes.
-
-    Transformers' Llama and GPT-2 configs have one MLP size and one head count for all
-    layers, so per-layer choices must be equal; they require the hidden size to be a
-    multiple of the head count; and GPT-2 ties its head size to ``n_embd / n_head``, so its
-    sub-networks keep all heads. Each limit raises a ValueError that names it.
-    """
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-    config = model.config
+def _uniform_choices(
+    config: ElasticConfig, mlp_choice: int | Sequence[int], attention_choice: int | Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Per-layer choice indices, checked: in range, and equal across layers (transformers'
+    configs hold one MLP size and one head count)."""
     layers = config.num_layers
     mlp_choices = [mlp_choice] * layers if isinstance(mlp_choice, int) else list(mlp_choice)
     attention_choices = (
@@ -564,6 +565,28 @@ def hf_submodel(
             "per-layer widths differ, but transformers' Llama/GPT-2 configs hold one intermediate_size and "
             "one head count for all layers: export a uniform choice (or run the sub-network in flextron)"
         )
+    return mlp_choices, attention_choices
+
+
+def hf_submodel(
+    model: ElasticLM,
+    source_config: dict[str, Any],
+    mlp_choice: int | Sequence[int],
+    attention_choice: int | Sequence[int],
+):
+    """``(hf_model, mlp_width, heads)``: the static sub-network as a plain transformers model
+    (in memory, the model's dtype and device) built from ``source_config`` (the source
+    model's config dict) with the sub-network's sizes.
+
+    Transformers' Llama and GPT-2 configs have one MLP size and one head count for all
+    layers, so per-layer choices must be equal; they require the hidden size to be a
+    multiple of the head count; and GPT-2 ties its head size to ``n_embd / n_head``, so its
+    sub-networks keep all heads. Each limit raises a ValueError that names it.
+    """
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = model.config
+    mlp_choices, attention_choices = _uniform_choices(config, mlp_choice, attention_choice)
     width = config.mlp_widths[mlp_choices[0]]
     heads = config.head_counts[attention_choices[0]]
     kv_heads = heads // config.head_group
@@ -607,66 +630,69 @@ def hf_submodel(
 
 
 def flextron_to_hf_state(model: ElasticLM, width: int, heads: int) -> dict[str, Tensor]:
-    config = model.config
-    d = config.head_dim
-    kv_heads = heads // config.head_group
-    kv_half = config.num_kv_heads * d
+    """The transformers state dict of the uniform sub-network with ``width`` MLP neurons and
+    ``heads`` query heads (copies: the elastic model is left as it is)."""
+    gpt2 = model.config.architecture == "gpt2"
+    layer_state = _gpt2_layer_state if gpt2 else _llama_layer_state
     state: dict[str, Tensor] = {}
     for i, layer in enumerate(model.layers):
-        attn, mlp = layer.attention, layer.mlp
-        w = attn.qkv_proj.weight.detach()
-        b = attn.qkv_proj.bias.detach() if attn.qkv_proj.bias is not None else None
-        k, v, q = (
-            w[: kv_heads * d],
-            w[kv_half : kv_half + kv_heads * d],
-            w[2 * kv_half : 2 * kv_half + heads * d],
-        )
-        if b is not None:
-            kb, vb, qb = (
-                b[: kv_heads * d],
-                b[kv_half : kv_half + kv_heads * d],
-                b[2 * kv_half : 2 * kv_half + heads * d],
-            )
-        o = attn.o_proj.weight.detach()[:, : heads * d]
-        if config.architecture == "gpt2":
-            h = f"transformer.h.{i}."
-            state[h + "attn.c_attn.weight"] = torch.cat([q, k, v]).T
-            state[h + "attn.c_attn.bias"] = torch.cat([qb, kb, vb])
-            state[h + "attn.c_proj.weight"] = o.T
-            state[h + "attn.c_proj.bias"] = attn.o_proj.bias.detach()
-            state[h + "mlp.c_fc.weight"] = mlp.up.weight.detach()[:width].T
-            state[h + "mlp.c_fc.bias"] = mlp.up.bias.detach()[:width]
-            state[h + "mlp.c_proj.weight"] = mlp.down.weight.detach()[:, :width].T
-            state[h + "mlp.c_proj.bias"] = mlp.down.bias.detach()
-            for ours, theirs in (("attention_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                norm = getattr(layer, ours)
-                state[f"{h}{theirs}.weight"] = norm.weight.detach()
-                state[f"{h}{theirs}.bias"] = norm.bias.detach()
-            continue
-        h = f"model.layers.{i}."
-        state[h + "self_attn.q_proj.weight"] = q
-        state[h + "self_attn.k_proj.weight"] = k
-        state[h + "self_attn.v_proj.weight"] = v
-        if b is not None:
-            state[h + "self_attn.q_proj.bias"] = qb
-            state[h + "self_attn.k_proj.bias"] = kb
-            state[h + "self_attn.v_proj.bias"] = vb
-        state[h + "self_attn.o_proj.weight"] = o
-        if attn.o_proj.bias is not None:
-            state[h + "self_attn.o_proj.bias"] = attn.o_proj.bias.detach()
-        state[h + "mlp.gate_proj.weight"] = mlp.gate.weight.detach()[:width]
-        state[h + "mlp.up_proj.weight"] = mlp.up.weight.detach()[:width]
-        state[h + "mlp.down_proj.weight"] = mlp.down.weight.detach()[:, :width]
-        state[h + "input_layernorm.weight"] = layer.attention_norm.weight.detach()
-        state[h + "post_attention_layernorm.weight"] = layer.mlp_norm.weight.detach()
-    if config.architecture == "gpt2":
-        state["transformer.wte.weight"] = model.embed_tokens.weight.detach()
-        state["transformer.wpe.weight"] = model.embed_positions.weight.detach()
-        state["transformer.ln_f.weight"] = model.norm.weight.detach()
-        state["transformer.ln_f.bias"] = model.norm.bias.detach()
+        state |= layer_state(f"transformer.h.{i}." if gpt2 else f"model.layers.{i}.", layer, width, heads)
+    if gpt2:
+        state["transformer.wte.weight"] = model.embed_tokens.weight
+        state["transformer.wpe.weight"] = model.embed_positions.weight
+        state["transformer.ln_f.weight"] = model.norm.weight
+        state["transformer.ln_f.bias"] = model.norm.bias
     else:
-        state["model.embed_tokens.weight"] = model.embed_tokens.weight.detach()
-        state["model.norm.weight"] = model.norm.weight.detach()
-        if not config.tie_embeddings:
-            state["lm_head.weight"] = model.lm_head.weight.detach()
-    return {k: v.contiguous().clone() for k, v in state.items()}
+        state["model.embed_tokens.weight"] = model.embed_tokens.weight
+        state["model.norm.weight"] = model.norm.weight
+        if not model.config.tie_embeddings:
+            state["lm_head.weight"] = model.lm_head.weight
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def _kvq(fused: Tensor, attention, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The K, V and Q rows that ``heads`` query heads use, of the fused ``[K; V; Q]``
+    projection's weight or bias."""
+    d = attention.head_dim
+    kv_half, kv = attention.num_kv_heads * d, heads // (attention.num_heads // attention.num_kv_heads) * d
+    return fused[:kv], fused[kv_half : kv_half + kv], fused[2 * kv_half : 2 * kv_half + heads * d]
+
+
+def _llama_layer_state(prefix: str, layer, width: int, heads: int) -> dict[str, Tensor]:
+    attn, mlp = layer.attention, layer.mlp
+    state = {}
+    for name, w in zip(("k", "v", "q"), _kvq(attn.qkv_proj.weight, attn, heads), strict=True):
+        state[f"{prefix}self_attn.{name}_proj.weight"] = w
+    if attn.qkv_proj.bias is not None:
+        for name, b in zip(("k", "v", "q"), _kvq(attn.qkv_proj.bias, attn, heads), strict=True):
+            state[f"{prefix}self_attn.{name}_proj.bias"] = b
+    state[prefix + "self_attn.o_proj.weight"] = attn.o_proj.weight[:, : heads * attn.head_dim]
+    if attn.o_proj.bias is not None:
+        state[prefix + "self_attn.o_proj.bias"] = attn.o_proj.bias
+    state[prefix + "mlp.gate_proj.weight"] = mlp.gate.weight[:width]
+    state[prefix + "mlp.up_proj.weight"] = mlp.up.weight[:width]
+    state[prefix + "mlp.down_proj.weight"] = mlp.down.weight[:, :width]
+    state[prefix + "input_layernorm.weight"] = layer.attention_norm.weight
+    state[prefix + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
+    return state
+
+
+def _gpt2_layer_state(prefix: str, layer, width: int, heads: int) -> dict[str, Tensor]:
+    attn, mlp = layer.attention, layer.mlp
+    k, v, q = _kvq(attn.qkv_proj.weight, attn, heads)
+    kb, vb, qb = _kvq(attn.qkv_proj.bias, attn, heads)
+    state = {
+        prefix + "attn.c_attn.weight": torch.cat([q, k, v]).T,
+        prefix + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
+        prefix + "attn.c_proj.weight": attn.o_proj.weight[:, : heads * attn.head_dim].T,
+        prefix + "attn.c_proj.bias": attn.o_proj.bias,
+        prefix + "mlp.c_fc.weight": mlp.up.weight[:width].T,
+        prefix + "mlp.c_fc.bias": mlp.up.bias[:width],
+        prefix + "mlp.c_proj.weight": mlp.down.weight[:, :width].T,
+        prefix + "mlp.c_proj.bias": mlp.down.bias,
+    }
+    for ours, theirs in (("attention_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        norm = getattr(layer, ours)
+        state[f"{prefix}{theirs}.weight"] = norm.weight
+        state[f"{prefix}{theirs}.bias"] = norm.bias
+    return state

@@ -84,13 +84,47 @@ def run(options: DemoOptions) -> list[BudgetRow]:
     out.mkdir(parents=True, exist_ok=True)
     train_texts, eval_texts = data.shakespeare("train"), data.shakespeare("eval")
     say = print if options.progress else (lambda *a, **k: None)
+    converted = _convert(options, train_texts, say)
+    trained = _train(options, converted, train_texts, eval_texts, say)
 
-    converted = out / "converted"
+    say("[4/5] measuring each budget: latency of the routed model, perplexity")
+    model, record = load_elastic(
+        trained, device=options.device, dtype=resolve_dtype(options.dtype, options.device)
+    )
+    resolve = BudgetResolver.for_checkpoint(model, record, trained, method="router")
+    tokenizer = load_tokenizer(trained)
+    eos = model.config.eos_token_id
+    windows = data.token_windows(
+        tokenizer, eval_texts, options.seq_len, options.eval_tokens, options.batch_size, eos
+    )
+    rows, full_ms = _measure(model, resolve, list(windows), options)
+
+    say("[5/5] generating at two budgets")
+    ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"].to(options.device)
+    samples = {}
+    for budget in (options.budgets[0], options.budgets[-1]):
+        tokens = model.generate(ids, options.new_tokens, resolve(budget).routing, eos_token_id=eos)
+        samples[f"{budget:g}"] = tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+    atomic_write_json(
+        out / "results.json", {"rows": [asdict(r) for r in rows], "samples": samples, "full_ms": full_ms}
+    )
+    plot(rows, out / "pareto.png", model.config.num_layers)
+    print(format_rows(rows, full_ms, options))
+    for budget, text in samples.items():
+        print(f"\n[budget {budget}] {text}")
+    print(f"\nwrote {out / 'results.json'} and {out / 'pareto.png'}")
+    return rows
+
+
+def _convert(options: DemoOptions, texts: list[data.Text], say) -> Path:
+    """Step 1 (skipped when an earlier run finished it): the elastic checkpoint."""
+    converted = options.out / "converted"
     if not (converted / "flextron.json").is_file():
         say("[1/5] converting SmolLM2-135M into an elastic model (importance on Shakespeare)")
         convert(
             data.embedded_model_dir(),
-            train_texts,
+            texts,
             converted,
             ConvertOptions(
                 max_tokens=options.calib_tokens,
@@ -100,6 +134,14 @@ def run(options: DemoOptions) -> list[BudgetRow]:
             ),
             overwrite=True,  # the demo's own directory: only an incomplete earlier run is there
         )
+    return converted
+
+
+def _train(
+    options: DemoOptions, start: Path, texts: list[data.Text], eval_texts: list[data.Text], say
+) -> Path:
+    """Steps 2 and 3: elastic training, then router training (each resumed or skipped when
+    an earlier run got there); returns the routers' last checkpoint."""
     common = {
         "batch_size": options.batch_size,
         "seq_len": options.seq_len,
@@ -119,90 +161,57 @@ def run(options: DemoOptions) -> list[BudgetRow]:
             stage="routers", steps=options.router_steps, router_lr=3e-2, surrogate_threshold=0.25, **common
         ),
     ]
-    start = converted
     for number, config in enumerate(stages, start=2):
-        run_dir = out / config.stage
+        run_dir = options.out / config.stage
         done = latest_checkpoint(run_dir)
         if done is None or trained_steps(done) < config.steps:
             say(f"[{number}/5] {config.stage} training ({config.steps} steps)")
-            train(
-                config, start, train_texts, run_dir, eval_texts, done is not None, progress=options.progress
-            )
+            train(config, start, texts, run_dir, eval_texts, done is not None, progress=options.progress)
         start = latest_checkpoint(run_dir)
+    return start
 
-    say("[4/5] measuring each budget: latency of the routed model, perplexity")
-    model, record = load_elastic(
-        start, device=options.device, dtype=resolve_dtype(options.dtype, options.device)
-    )
-    resolve = BudgetResolver.for_checkpoint(model, record, start, method="router")
-    tokenizer = load_tokenizer(start)
-    batches = list(
-        data.token_windows(
-            tokenizer,
-            eval_texts,
-            options.seq_len,
-            options.eval_tokens,
-            options.batch_size,
-            model.config.eos_token_id,
-        )
-    )
+
+@torch.no_grad()
+def _measure(model, resolve: BudgetResolver, batches: list[torch.Tensor], options: DemoOptions):
+    """Step 4: per budget (and at full width) the routed model's latency on one batch, its
+    perplexity on all of them and the parameters it uses; ``(rows, full-width ms)``."""
     probe = batches[0].to(options.device)
     config = model.config
-    rows = []
-    with torch.no_grad():
-        full = Routing.uniform(config.num_layers)
-        full_ms = median_ms(lambda: model(probe, full), probe.device, warmup=1, repeat=5)
-        full_loss, _ = mean_loss(model, batches, full)
+    full = Routing.uniform(config.num_layers)
+    full_ms = median_ms(lambda: model(probe, full), probe.device, warmup=1, repeat=5)
+    full_loss, _ = mean_loss(model, batches, full)
+    rows = [
+        BudgetRow(
+            name="full width",
+            budget=1.0,
+            mlp_widths=f"{config.mlp_widths[0]}x{config.num_layers}",
+            heads=f"{config.num_heads}x{config.num_layers}",
+            parameters_m=model.num_parameters() / 1e6,
+            latency_ms=full_ms,
+            speedup=1.0,
+            perplexity=math.exp(full_loss),
+        )
+    ]
+    for budget in tqdm(options.budgets, desc="budgets", disable=not options.progress):
+        served = resolve(budget)
+        routing = served.routing
+        latency = median_ms(lambda r=routing: model(probe, r), probe.device, warmup=1, repeat=5)
+        loss, _ = mean_loss(model, batches, routing)
+        used = model.active_parameters(served.mlp_choices, served.attention_choices)
+        mlp_widths, heads = served.widths(config)
         rows.append(
             BudgetRow(
-                name="full width",
-                budget=1.0,
-                mlp_widths=f"{config.mlp_widths[0]}x{config.num_layers}",
-                heads=f"{config.num_heads}x{config.num_layers}",
-                parameters_m=model.num_parameters() / 1e6,
-                latency_ms=full_ms,
-                speedup=1.0,
-                perplexity=math.exp(full_loss),
+                name=f"budget {budget:g}",
+                budget=budget,
+                mlp_widths=mlp_widths,
+                heads=heads,
+                parameters_m=used / 1e6,
+                latency_ms=latency,
+                speedup=full_ms / latency,
+                perplexity=math.exp(loss),
             )
         )
-        for budget in tqdm(options.budgets, desc="budgets", disable=not options.progress):
-            served = resolve(budget)
-            routing = served.routing
-            latency = median_ms(lambda r=routing: model(probe, r), probe.device, warmup=1, repeat=5)
-            loss, _ = mean_loss(model, batches, routing)
-            used = model.active_parameters(served.mlp_choices, served.attention_choices)
-            mlp_widths, heads = served.widths(config)
-            rows.append(
-                BudgetRow(
-                    name=f"budget {budget:g}",
-                    budget=budget,
-                    mlp_widths=mlp_widths,
-                    heads=heads,
-                    parameters_m=used / 1e6,
-                    latency_ms=latency,
-                    speedup=full_ms / latency,
-                    perplexity=math.exp(loss),
-                )
-            )
-
-    say("[5/5] generating at two budgets")
-    ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"].to(options.device)
-    samples = {}
-    for budget in (options.budgets[0], options.budgets[-1]):
-        tokens = model.generate(
-            ids, options.new_tokens, resolve(budget).routing, eos_token_id=model.config.eos_token_id
-        )
-        samples[f"{budget:g}"] = tokenizer.decode(tokens[0], skip_special_tokens=True)
-
-    atomic_write_json(
-        out / "results.json", {"rows": [asdict(r) for r in rows], "samples": samples, "full_ms": full_ms}
-    )
-    plot(rows, out / "pareto.png", model.config.num_layers)
-    print(format_rows(rows, full_ms, options))
-    for budget, text in samples.items():
-        print(f"\n[budget {budget}] {text}")
-    print(f"\nwrote {out / 'results.json'} and {out / 'pareto.png'}")
-    return rows
+    return rows, full_ms
 
 
 def format_rows(rows: list[BudgetRow], full_ms: float, options: DemoOptions) -> str:

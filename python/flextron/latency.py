@@ -105,11 +105,7 @@ def measure(
     x = torch.randn(batch_size, steps, config.hidden_size, device=device, dtype=dtype)
     positions = torch.arange(seq_len - steps, seq_len, device=device).expand(batch_size, steps)
     rotary = model.rotary(positions) if model.rotary is not None else None
-    cache = None
-    if phase == "decode":
-        cache = layer.attention.new_cache(batch_size, seq_len)
-        cache.k.normal_()
-        cache.v.normal_()
+    cache = _filled_cache(layer.attention, batch_size, seq_len) if phase == "decode" else None
 
     def attention(choice: int):
         if cache is not None:
@@ -127,13 +123,7 @@ def measure(
         )
         times[kind].append(median_ms(fn, device, warmup, repeat))
     ids = torch.randint(0, config.vocab_size, (batch_size, steps), device=device)
-
-    def fixed():
-        h = model.embed_tokens(ids)
-        if model.embed_positions is not None:
-            h = h + model.embed_positions(positions)
-        return model.lm_head(model.norm(h))
-
+    fixed_ms = median_ms(lambda: _fixed_part(model, ids, positions), device, warmup, repeat)
     return LatencyTable(
         device=str(device),
         device_name=device_name(device),
@@ -144,5 +134,21 @@ def measure(
         num_layers=config.num_layers,
         mlp_ms=times["mlp"],
         attention_ms=times["attention"],
-        fixed_ms=median_ms(fixed, device, warmup, repeat),
+        fixed_ms=fixed_ms,
     )
+
+
+def _filled_cache(attention, batch_size: int, seq_len: int):
+    """A KV cache of ``seq_len`` slots holding random keys and values (decode timing)."""
+    cache = attention.new_cache(batch_size, seq_len)
+    cache.k.normal_()
+    cache.v.normal_()
+    return cache
+
+
+def _fixed_part(model: ElasticLM, ids: Tensor, positions: Tensor) -> Tensor:
+    """What every budget runs at full size: embeddings, final norm and LM head."""
+    h = model.embed_tokens(ids)
+    if model.embed_positions is not None:
+        h = h + model.embed_positions(positions)
+    return model.lm_head(model.norm(h))

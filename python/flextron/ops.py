@@ -170,6 +170,40 @@ def nested_activation(
     return _ops.nested_activation(h, gate, offsets, as_widths(widths), activation)
 
 
+def _check_mlp_operands(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    activation: str,
+    w_gate: Tensor | None,
+    b_up: Tensor | None,
+    b_down: Tensor | None,
+) -> None:
+    """elastic_mlp's operand shapes and activation (see its docstring)."""
+    if x.dim() < 1:
+        raise ValueError("x must have a trailing hidden dimension")
+    hidden = x.shape[-1]
+    if w_up.dim() != 2 or w_up.shape[1] != hidden:
+        raise ValueError(f"w_up must be [D, H={hidden}], got {tuple(w_up.shape)}")
+    inner = w_up.shape[0]
+    if w_down.dim() != 2 or tuple(w_down.shape) != (hidden, inner):
+        raise ValueError(f"w_down must be [H={hidden}, D={inner}], got {tuple(w_down.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'swiglu', 'gelu' or 'gelu_tanh', got {activation!r}")
+    if activation == "swiglu":
+        if w_gate is None:
+            raise ValueError("activation='swiglu' needs w_gate")
+        if w_gate.shape != w_up.shape:
+            raise ValueError(f"w_gate must match w_up {tuple(w_up.shape)}, got {tuple(w_gate.shape)}")
+    elif w_gate is not None:
+        raise ValueError(f"w_gate is only used by activation='swiglu', got activation={activation!r}")
+    for bias, size, bias_name in ((b_up, inner, "b_up"), (b_down, hidden, "b_down")):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(
+                f"{bias_name} must be 1-D [{size}] (one value per feature), got {tuple(bias.shape)}"
+            )
+
+
 def elastic_mlp(
     x: Tensor,
     choice: Tensor,
@@ -193,28 +227,8 @@ def elastic_mlp(
     route_plan -> permute -> nested up (and gate) GEMM -> nested activation (only inside
     each token's width) -> nested down GEMM -> unpermute. Differentiable in x, the weights, the biases and scale.
     """
-    if x.dim() < 1:
-        raise ValueError("x must have a trailing hidden dimension")
-    hidden = x.shape[-1]
-    if w_up.dim() != 2 or w_up.shape[1] != hidden:
-        raise ValueError(f"w_up must be [D, H={hidden}], got {tuple(w_up.shape)}")
-    inner = w_up.shape[0]
-    if w_down.dim() != 2 or tuple(w_down.shape) != (hidden, inner):
-        raise ValueError(f"w_down must be [H={hidden}, D={inner}], got {tuple(w_down.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be 'swiglu', 'gelu' or 'gelu_tanh', got {activation!r}")
-    if activation == "swiglu":
-        if w_gate is None:
-            raise ValueError("activation='swiglu' needs w_gate")
-        if w_gate.shape != w_up.shape:
-            raise ValueError(f"w_gate must match w_up {tuple(w_up.shape)}, got {tuple(w_gate.shape)}")
-    elif w_gate is not None:
-        raise ValueError(f"w_gate is only used by activation='swiglu', got activation={activation!r}")
-    for bias, size, bias_name in ((b_up, inner, "b_up"), (b_down, hidden, "b_down")):
-        if bias is not None and tuple(bias.shape) != (size,):
-            raise ValueError(
-                f"{bias_name} must be 1-D [{size}] (one value per feature), got {tuple(bias.shape)}"
-            )
+    _check_mlp_operands(x, w_up, w_down, activation, w_gate, b_up, b_down)
+    hidden, inner = x.shape[-1], w_up.shape[0]
     width_tensor = as_widths(widths, max_width=inner, name="widths")
     x, w_up, w_gate, w_down, b_up, b_down, scale = autocast_inputs(
         x, w_up, w_gate, w_down, b_up, b_down, scale

@@ -33,6 +33,22 @@ def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> to
     return flextron.unpermute(flextron.permute(x, plan), plan)
 
 
+def time_training_steps(x, choice, widths: list[int], params: dict, device: str, repeat: int) -> dict:
+    """Forward + backward of ours, the dense MLP and the per-group loop, timed interleaved."""
+    trained = {k: v.detach().requires_grad_() for k, v in params.items()}
+    x_train = x.detach().requires_grad_()
+
+    def step(mlp) -> None:
+        mlp().float().sum().backward()
+
+    fns = {
+        "ours_train": lambda: step(lambda: flextron.elastic_mlp(x_train, choice, widths=widths, **trained)),
+        "dense_train": lambda: step(lambda: reference.dense_mlp(x_train, **trained)),
+        "loop_train": lambda: step(lambda: reference.elastic_mlp(x_train, choice, widths=widths, **trained)),
+    }
+    return time_all(fns, device, repeat)
+
+
 def bench_case(
     results: Results,
     device: str,
@@ -65,25 +81,7 @@ def bench_case(
         device,
         repeat,
     )
-    trained = {k: v.detach().requires_grad_() for k, v in params.items()}
-    x_train = x.detach().requires_grad_()
-
-    def step(mlp) -> None:
-        mlp().float().sum().backward()
-
-    train = time_all(
-        {
-            "ours_train": lambda: step(
-                lambda: flextron.elastic_mlp(x_train, choice, widths=widths, **trained)
-            ),
-            "dense_train": lambda: step(lambda: reference.dense_mlp(x_train, **trained)),
-            "loop_train": lambda: step(
-                lambda: reference.elastic_mlp(x_train, choice, widths=widths, **trained)
-            ),
-        },
-        device,
-        repeat,
-    )
+    train = time_training_steps(x, choice, widths, params, device, repeat)
     ours_ms, dense_ms, loop_ms = (forward[k].median for k in ("ours", "dense", "loop"))
     ours_train_ms, dense_train_ms, loop_train_ms = (
         train[k].median for k in ("ours_train", "dense_train", "loop_train")

@@ -32,6 +32,36 @@ def grouped_mm_padded(x: torch.Tensor, padded_weights: torch.Tensor, offsets: to
     return torch._grouped_mm(x, padded_weights, offs=offsets[1:])
 
 
+def padded_weights(w_up: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """``[G, H, D]``: group g's weight prefix, transposed and zero-padded to the full width."""
+    inner, hidden = w_up.shape
+    padded = torch.zeros(len(widths), hidden, inner, dtype=w_up.dtype, device=w_up.device)
+    for g, w in enumerate(widths):
+        padded[g, :, :w] = w_up[:w].T
+    return padded
+
+
+def op_cases(x, w_up, h, w_down, dy, plan, widths: list[int]) -> dict:
+    """Per op: (ours, the dense full-width GEMM, the per-group torch loop)."""
+    return {
+        "nested_linear_n": (
+            lambda: flextron.nested_linear_n(x, w_up, plan.offsets, plan.widths),
+            lambda: x @ w_up.T,
+            lambda: reference.nested_linear_n(x, w_up, plan.offsets, widths),
+        ),
+        "nested_linear_k": (
+            lambda: flextron.nested_linear_k(h, w_down, plan.offsets, plan.widths),
+            lambda: h @ w_down.T,
+            lambda: reference.nested_linear_k(h, w_down, plan.offsets, widths),
+        ),
+        "nested_weight_grad": (
+            lambda: flextron.nested_weight_grad(dy, x, plan.offsets, plan.widths),
+            lambda: dy.T @ x,
+            lambda: reference.nested_weight_grad(dy, x, plan.offsets, widths),
+        ),
+    }
+
+
 def bench_case(
     results: Results,
     device: str,
@@ -55,28 +85,8 @@ def bench_case(
     dy = torch.randn(tokens, inner, generator=gen).to(dtype).to(device)
     useful = 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
     ideal = mean_fraction(widths, mix)
-    cases = {
-        "nested_linear_n": (
-            lambda: flextron.nested_linear_n(x, w_up, plan.offsets, plan.widths),
-            lambda: x @ w_up.T,
-            lambda: reference.nested_linear_n(x, w_up, plan.offsets, widths),
-        ),
-        "nested_linear_k": (
-            lambda: flextron.nested_linear_k(h, w_down, plan.offsets, plan.widths),
-            lambda: h @ w_down.T,
-            lambda: reference.nested_linear_k(h, w_down, plan.offsets, widths),
-        ),
-        "nested_weight_grad": (
-            lambda: flextron.nested_weight_grad(dy, x, plan.offsets, plan.widths),
-            lambda: dy.T @ x,
-            lambda: reference.nested_weight_grad(dy, x, plan.offsets, widths),
-        ),
-    }
-    padded = None
-    if device == "cuda" and hasattr(torch, "_grouped_mm"):
-        padded = torch.zeros(len(widths), hidden, inner, dtype=dtype, device=device)
-        for g, w in enumerate(widths):
-            padded[g, :, :w] = w_up[:w].T
+    cases = op_cases(x, w_up, h, w_down, dy, plan, widths)
+    padded = padded_weights(w_up, widths) if device == "cuda" and hasattr(torch, "_grouped_mm") else None
     for op, (ours, dense, loop) in cases.items():
         row = dict(
             op=op,
