@@ -275,7 +275,7 @@ def test_bad_forward_input():
         att(x, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="attention_mask must be \\[batch=2, seq=5\\]"):
         att(x, 0, attention_mask=torch.ones(2, 4))
-    with pytest.raises(RuntimeError, match="choice"):
+    with pytest.raises(ValueError, match="choice"):
         att(x, torch.full((2, 5), 7))
 
 
