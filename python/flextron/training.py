@@ -402,9 +402,10 @@ class Trainer:
         """The latency table; fresh routers start from each budget's best uniform sub-network;
         the router stage gets its surrogate (seeded)."""
         saved = self.out_dir / "latency.json"
+        resumed = saved if resume_from is not None and saved.is_file() else None
         with self._autocast():  # timed in the dtype the routed model will run in
-            self.table = latency_table(self.config, self.model, self.progress, saved if resume_from else None)
-        if self.rank == 0:
+            self.table = latency_table(self.config, self.model, self.progress, resumed)
+        if self.rank == 0 and resumed is None:  # the interrupted run's table is already there
             self.table.save(saved)
         if not router_loaded:
             losses = stored_losses(self.record)
