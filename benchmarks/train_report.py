@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from flextron import data
-from flextron.checkpoint import atomic_write_json
 from flextron.conversion import ConvertOptions, convert
+from flextron.outputs import atomic_write_json
 from flextron.training import TrainConfig, Trainer, train
 
 

@@ -5,29 +5,26 @@ config) and the tokenizer's files.
 Training runs add optimizer state (tensors in safetensors, the rest in JSON) and keep a
 ``latest`` pointer in their run directory (see flextron.training).
 
-Every file is written atomically (a temporary file in the same directory, flushed, then
-renamed over the target), so a process killed mid-write leaves the previous file intact.
+Every file is written atomically (flextron.outputs: a temporary file in the same directory,
+flushed, then renamed over the target), so a process killed mid-write leaves the previous
+file intact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from flextron.model import ElasticConfig, ElasticLM
-from flextron.outputs import user_permissions
+from flextron.outputs import atomic_save_tensors, atomic_write_json
 
 FORMAT = "flextron-elastic"
 FORMAT_VERSION = 1
@@ -38,46 +35,6 @@ ROUTERS = "routers.safetensors"  # trained routers, next to the weights (router 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or corrupt."""
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write into; on success it is flushed to disk, given
-    the umask's permissions and renamed over ``path``; on failure it is removed. A failed
-    write is an OSError naming ``path`` (safetensors reports a full disk as SafetensorError)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        user_permissions(tmp)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise OSError(f"could not write {path}: {reason}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_file(Path(path)) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
-
-
-def atomic_save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    with _atomic_file(Path(path)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -20,11 +20,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flextron.budgets import UniformLoss
-from flextron.checkpoint import atomic_write_json, load_tokenizer, save_elastic
+from flextron.checkpoint import load_tokenizer, save_elastic
 from flextron.data import Text, token_windows
 from flextron.evaluation import mean_loss
 from flextron.model import ElasticConfig, ElasticLM, Routing
-from flextron.outputs import check_free, check_not_source, staged_directory
+from flextron.outputs import atomic_write_json, check_free, check_not_source, staged_directory
 from flextron.rope import RopeScaling
 from flextron.runtime import DtypeName, resolve_dtype
 

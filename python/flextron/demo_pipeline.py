@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 from flextron import data
 from flextron.budgets import BudgetResolver
-from flextron.checkpoint import atomic_write_json, latest_checkpoint, load_elastic, load_tokenizer
+from flextron.checkpoint import latest_checkpoint, load_elastic, load_tokenizer
 from flextron.conversion import ConvertOptions, convert
 from flextron.evaluation import mean_loss
 from flextron.model import Routing
-from flextron.outputs import OutputError
+from flextron.outputs import OutputError, atomic_write_json
 from flextron.run_directory import trained_steps
 from flextron.runtime import DtypeName, resolve_dtype
 from flextron.timing import median_ms

@@ -15,10 +15,10 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from flextron.budgets import BudgetResolver, BudgetRouting
-from flextron.checkpoint import atomic_write_bytes
 from flextron.data import Text, token_windows
 from flextron.latency import LatencyTable
 from flextron.model import DynamicRouting, ElasticLM, Routing
+from flextron.outputs import atomic_write_bytes
 from flextron.routers import StaticRouter
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flextron.checkpoint import atomic_write_json
 from flextron.model import ElasticLM
+from flextron.outputs import atomic_write_json
 from flextron.timing import median_ms
 
 Phase = Literal["prefill", "decode"]

@@ -6,17 +6,25 @@ directory output (convert, export) appears whole, written to a temporary sibling
 into place, so a killed run leaves the old output or the new one, never a mix; and a
 directory being written is locked by one process (an advisory ``flock``, released by the
 kernel when the process dies, so a stale lock is taken over by itself; the lock file is
-removed on release).
+removed on release); every file is written atomically (a temporary sibling, flushed, then
+renamed over the target).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 
 class OutputError(FileExistsError):
@@ -134,3 +142,44 @@ def staged_directory(out: str | Path, overwrite: bool, flag: str = "--out") -> I
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write into; on success it is flushed to disk, given
+    the umask's permissions and renamed over ``path``; on failure it is removed. A failed
+    write is an OSError naming ``path`` (safetensors reports a full disk as SafetensorError)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        user_permissions(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OSError(f"could not write {path}: {reason}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a killed process leaves the old file)."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    with atomic_file(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)

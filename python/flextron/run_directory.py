@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from flextron.checkpoint import (
-    CheckpointError,
+from flextron.checkpoint import CheckpointError, checkpoint_step, read_tensors
+from flextron.outputs import (
+    OutputError,
     atomic_save_tensors,
     atomic_write_bytes,
     atomic_write_json,
-    checkpoint_step,
-    read_tensors,
+    check_not_source,
 )
-from flextron.outputs import OutputError, check_not_source
 
 if TYPE_CHECKING:
     from flextron.training import TrainConfig

@@ -41,8 +41,6 @@ from flextron.budgets import BudgetResolver, UniformLoss, lowest_loss_within, ro
 from flextron.checkpoint import (
     ROUTERS,
     CheckpointError,
-    atomic_save_tensors,
-    atomic_write_json,
     latest_checkpoint,
     load_elastic,
     load_optimizer,
@@ -56,7 +54,7 @@ from flextron.distributed import average_gradients, full_state_dict, rank, world
 from flextron.evaluation import evaluate_in_training
 from flextron.latency import LatencyTable, measure
 from flextron.model import ElasticLM
-from flextron.outputs import DirectoryLock
+from flextron.outputs import DirectoryLock, atomic_save_tensors, atomic_write_json
 from flextron.routers import StaticRouter, TokenRouter, load_router_state
 from flextron.run_directory import (
     RunLog,
