@@ -1,6 +1,6 @@
 """The Python API (flextron.convert, train, lut, evaluate, export, generate, bench) on a tiny
 random Llama: what each returns and writes, budgets served by trained routers, and that the
-API and the CLI take the same options with the same defaults."""
+API and the CLI take the same options (the CLI reads its defaults from the API: cli._option)."""
 
 from __future__ import annotations
 

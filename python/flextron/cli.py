@@ -9,12 +9,15 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -254,28 +257,57 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # Parser
 
 
+def _api_default(function: Callable[..., Any], name: str) -> Any:
+    """The default of ``function``'s parameter ``name``: every CLI default is read from the
+    Python API, so the two cannot drift apart."""
+    default = inspect.signature(function).parameters[name].default
+    return list(default) if isinstance(default, tuple) else default
+
+
+def _option(
+    parser: argparse.ArgumentParser, function: Callable[..., Any], flag: str, help: str, **kwargs: Any
+) -> None:
+    """``--flag`` with the API's default for it, shown at the end of its help."""
+    default = _api_default(function, flag.removeprefix("--").replace("-", "_"))
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    parser.add_argument(flag, default=default, help=f"{help} (default: {shown})", **kwargs)
+
+
+def _config_default(config: type | None, name: str) -> str:
+    """How help shows a ``None`` API default that defers to a config file's field."""
+    if config is None:
+        return ""
+    default = {f.name: f.default for f in dataclasses.fields(config)}[name]
+    return f"the config's, else {default}"
+
+
 def _common(
     parser: argparse.ArgumentParser,
-    device: str | None = "cpu",
-    seed: int | None = 0,
-    seeded: bool = True,
-    progress: bool = True,
+    function: Callable[..., Any],
+    config: type | None = None,
+    unset_device: str = "",
     dtype_help: str = "compute dtype",
 ) -> None:
-    """The flags the commands share: ``--seed`` where randomness is involved, ``--quiet``
-    where there are progress bars. ``None`` defaults defer to a config file (train)."""
-    default = f" (default: {device})" if device else " (default: the config's, else cpu)"
-    parser.add_argument("--device", default=device, help="cpu, cuda or cuda:N" + default)
+    """The flags the commands share, with ``function``'s defaults: ``--device``, ``--dtype``,
+    ``--seed`` where randomness is involved, ``--quiet`` where there are progress bars. A
+    ``None`` default defers to ``config``'s field (train) or means ``unset_device`` (bench)."""
+    parameters = inspect.signature(function).parameters
+    device = parameters["device"].default
+    shown = device or unset_device or _config_default(config, "device")
+    parser.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {shown})")
+    dtype = parameters["dtype"].default
     parser.add_argument(
         "--dtype",
         choices=DTYPE_NAMES,
-        default="auto" if device else None,
-        help=f"{dtype_help}; auto = float32 on the CPU, bfloat16 on a GPU (default: auto)",
+        default=dtype,
+        help=f"{dtype_help}; auto = float32 on the CPU, bfloat16 on a GPU "
+        f"(default: {dtype or _config_default(config, 'dtype')})",
     )
-    if seeded:
-        seed_default = seed if seed is not None else "the config's, else 0"
-        parser.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default: {seed_default})")
-    if progress:
+    if "seed" in parameters:
+        seed = parameters["seed"].default
+        shown = _config_default(config, "seed") if seed is None else seed
+        parser.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default: {shown})")
+    if "progress" in parameters:
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -287,13 +319,14 @@ def _overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _routing(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _routing(parser: argparse.ArgumentParser, function: Callable[..., Any]) -> None:
+    _option(
+        parser,
+        function,
         "--routing",
+        "how a budget picks widths: the checkpoint's trained routers (router), its uniform "
+        "sub-network table (uniform), or routers when it has them (auto)",
         choices=ROUTING_METHODS,
-        default="auto",
-        help="how a budget picks widths: the checkpoint's trained routers (router), its uniform "
-        "sub-network table (uniform), or routers when it has them (auto, the default)",
     )
 
 
@@ -325,36 +358,40 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mlp-widths", type=_int_list, help="MLP width choices, e.g. 1536,1152,768,384")
     p.add_argument("--head-counts", type=_int_list, help="query-head counts, e.g. 9,6,3")
     p.add_argument("--head-widths", type=_int_list, help=argparse.SUPPRESS)  # deprecated: --head-counts
-    p.add_argument(
-        "--seq-len", type=_positive_int, default=256, help="tokens per calibration window (default: 256)"
-    )
-    p.add_argument(
-        "--calib-tokens", type=_positive_int, default=16384, help="calibration tokens (default: 16384)"
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default: 8)")
+    _option(p, api.convert, "--seq-len", "tokens per calibration window", type=_positive_int)
+    _option(p, api.convert, "--calib-tokens", "calibration tokens", type=_positive_int)
+    _option(p, api.convert, "--batch-size", "windows per batch", type=_positive_int)
     _overwrite(p)
-    _common(p, seeded=False)
+    _common(p, api.convert)
     p.set_defaults(run=cmd_convert)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from flextron.training import TrainConfig
+
     p = sub.add_parser("train", help="elastic training, router training, or both jointly")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint to start from")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, latency.json)")
     p.add_argument(
-        "--stage", choices=("elastic", "routers", "joint"), help="default: the config's, else elastic"
+        "--stage",
+        choices=("elastic", "routers", "joint"),
+        help=f"default: {_config_default(TrainConfig, 'stage')}",
     )
     p.add_argument("--config", help="a TOML or YAML file of training settings (flextron.TrainConfig fields)")
     p.add_argument("--data", help="training text: a .txt file or a directory (default: Shakespeare)")
     p.add_argument("--eval-data", help="held-out text (default: held-out Shakespeare)")
     p.add_argument("--budgets", type=_float_list, help="trained budgets (latency fractions), e.g. 1,0.75,0.5")
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps (default: the config's, else 100)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        help=f"optimizer steps (default: {_config_default(TrainConfig, 'steps')})",
+    )
     p.add_argument("--lut", help="a latency table from `flextron lut` (default: measured at the start)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
     )
     _overwrite(p)
-    _common(p, device=None, seed=None)
+    _common(p, api.train, config=TrainConfig)
     p.set_defaults(run=cmd_train)
 
 
@@ -362,16 +399,11 @@ def _add_lut(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lut", help="measure the latency lookup table on this device")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per forward (default: 1)")
-    p.add_argument(
-        "--seq-len",
-        type=_positive_int,
-        default=256,
-        help="prefill: tokens; decode: cached tokens (default: 256)",
-    )
-    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="default: prefill")
+    _option(p, api.lut, "--batch-size", "sequences per forward", type=_positive_int)
+    _option(p, api.lut, "--seq-len", "prefill: tokens; decode: cached tokens", type=_positive_int)
+    _option(p, api.lut, "--phase", "what is timed", choices=("prefill", "decode"))
     _overwrite(p)
-    _common(p)
+    _common(p, api.lut)
     p.set_defaults(run=cmd_lut)
 
 
@@ -379,18 +411,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity per budget (table, JSON, plot)")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--data", help="a .txt file or a directory of them (default: held-out Shakespeare)")
-    p.add_argument(
-        "--budgets", type=_float_list, default=list(api.DEFAULT_BUDGETS), help="default: 1,0.75,0.5"
-    )
-    _routing(p)
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per window (default: 256)")
-    p.add_argument(
-        "--max-tokens", type=_positive_int, default=16384, help="evaluated tokens (default: 16384)"
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default: 8)")
+    _option(p, api.evaluate, "--budgets", "latency fractions to evaluate", type=_float_list)
+    _routing(p, api.evaluate)
+    _option(p, api.evaluate, "--seq-len", "tokens per window", type=_positive_int)
+    _option(p, api.evaluate, "--max-tokens", "evaluated tokens", type=_positive_int)
+    _option(p, api.evaluate, "--batch-size", "windows per batch", type=_positive_int)
     p.add_argument("--out", help="where perplexity.json/.png go (default: CHECKPOINT/eval)")
     _overwrite(p)
-    _common(p, seeded=False)
+    _common(p, api.evaluate)
     p.set_defaults(run=cmd_eval)
 
 
@@ -399,11 +427,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--budget", type=float, help="the budget whose sub-network to export, in (0, 1]")
-    _routing(p)
+    _routing(p, api.export)
     p.add_argument("--mlp-choice", type=_int_list, help="MLP choice index (one, or one per layer)")
     p.add_argument("--attention-choice", type=_int_list, help="head choice index (one, or one per layer)")
     _overwrite(p)
-    _common(p, seeded=False, progress=False, dtype_help="dtype of the written weights")
+    _common(p, api.export, dtype_help="dtype of the written weights")
     p.set_defaults(run=cmd_export)
 
 
@@ -411,12 +439,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt at a budget")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--budget", type=float, default=1.0, help="default: 1.0 (full width)")
-    _routing(p)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="default: 40")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
-    _common(p, progress=False)
+    _option(p, api.generate, "--budget", "latency fraction; 1 = full width", type=float)
+    _routing(p, api.generate)
+    _option(p, api.generate, "--max-new-tokens", "tokens to generate", type=_positive_int)
+    _option(p, api.generate, "--temperature", "0 = greedy", type=_non_negative_float)
+    p.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens")
+    _common(p, api.generate)
     p.set_defaults(run=cmd_generate)
 
 
@@ -430,15 +458,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
     p.add_argument("--out", help="where the JSON and plots go (default: runs/bench-<date>-<device>)")
     _overwrite(p)
-    _common(p, device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
+    _common(p, api.bench, unset_device="cuda when there is a GPU, else cpu")
     p.set_defaults(run=cmd_bench)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole method on the embedded SmolLM2-135M, in one command")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); rerun to resume")
+    _option(p, api.demo, "--out", "run directory; rerun to resume")
     p.add_argument("--quick", action="store_true", help="a smoke run with tiny step counts")
-    _common(p)
+    _common(p, api.demo)
     p.set_defaults(run=cmd_demo)
 
 
