@@ -175,6 +175,19 @@ def test_user_errors(converted, tmp_path):
             flextron.generate(converted, "x", device="cuda")
 
 
+def test_bench_suites_are_named_like_their_modules_and_old_names_warn():
+    from flextron import benchmarks
+    from flextron.benchmarks.suite import resolve_suites
+
+    for suite in benchmarks.SUITES:
+        assert hasattr(benchmarks, suite), suite  # flextron.benchmarks.<suite> is its module
+    with pytest.warns(DeprecationWarning, match="'kernels' is deprecated: use nested_linear, elastic_mlp"):
+        named = resolve_suites(["elastic_model", "kernels"])
+    assert named == ("nested_linear", "elastic_mlp", "elastic_model")  # run order, no repeats
+    with pytest.raises(ValueError, match="benchmark suites are"):
+        resolve_suites([])
+
+
 def test_bench_quick_writes_results_and_summary(tmp_path, capsys):
     code = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
@@ -185,8 +198,7 @@ def test_bench_quick_writes_results_and_summary(tmp_path, capsys):
         for row in rows:
             ratio = row.get("fraction_of_dense", row.get("fraction_of_full"))
             assert ratio > 0 and row["ours_ms"] > 0
-    for plot in ("kernels-cpu.png", "elastic_attention-cpu.png", "elastic_model-cpu.png"):
-        assert (tmp_path / plot).stat().st_size > 0
+        assert (tmp_path / f"{name}-cpu.png").stat().st_size > 0
     model_rows = json.loads((tmp_path / "elastic_model-cpu.json").read_text())["rows"]
     assert model_rows[0]["fraction_of_full"] == 1.0  # the first case is the full width itself
     assert all(0 < r["ideal_fraction"] <= 1 for r in model_rows)

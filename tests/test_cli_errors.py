@@ -354,7 +354,7 @@ def test_lut_eval_and_bench_refuse_to_replace_results(work, tmp_path, capsys):
     for argv in (
         ["lut", "--checkpoint", str(work.elastic), "--out", str(tmp_path / "table.json"), "--quiet"],
         eval_argv(work.elastic, "--out", str(tmp_path / "eval")),
-        ["bench", "--suite", "kernels", "--quick", "--device", "cpu", "--out", str(tmp_path / "bench")],
+        ["bench", "--suite", "nested_linear", "--quick", "--device", "cpu", "--out", str(tmp_path / "bench")],
     ):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err

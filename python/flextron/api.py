@@ -316,7 +316,7 @@ def generate(
 
 
 def bench(
-    suites: Sequence[str] = ("kernels", "attention", "model"),
+    suites: Sequence[str] = ("nested_linear", "elastic_mlp", "elastic_attention", "elastic_model"),
     *,
     device: str | None = None,
     dtype: DtypeName = "auto",
@@ -325,7 +325,8 @@ def bench(
     seed: int = 0,
     overwrite: bool = False,
 ):
-    """Run benchmark suites (``"kernels"``, ``"attention"``, ``"model"``) on this device (the
+    """Run benchmark suites (``"nested_linear"``, ``"elastic_mlp"``, ``"elastic_attention"``,
+    ``"elastic_model"``; each writes ``<suite>-<device>.json`` and ``.png``) on this device (the
     GPU when there is one), print their tables and a summary of ratios against the
     baselines measured in the same run, and write JSON + plots to ``out`` (default:
     ``runs/bench-<date>-<device>``; it must be empty unless ``overwrite``). Returns a

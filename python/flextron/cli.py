@@ -78,6 +78,20 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _choice_list(choices: Sequence[str], deprecated: Sequence[str] = ()):
+    """An argparse type: comma-separated names from ``choices`` (or ``deprecated``, accepted
+    but not offered), else a one-line usage error."""
+
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices and n not in deprecated]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"expected names from {', '.join(choices)}; got {text!r}")
+        return names
+
+    return parse
+
+
 def _choice_arg(values: list[int] | None) -> int | list[int] | None:
     if values is None:
         return None
@@ -229,7 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from flextron.benchmarks import SUITES
 
-    suites = SUITES if args.suite == "all" else (args.suite,)
+    suites = SUITES if args.suite == ["all"] else args.suite
     report = api.bench(
         suites,
         device=args.device,
@@ -452,8 +466,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="kernel, layer and model benchmarks on this device (ratios vs baselines)"
     )
+    from flextron.benchmarks import DEPRECATED_SUITES, SUITES
+
     p.add_argument(
-        "--suite", choices=("all", "kernels", "attention", "model"), default="all", help="default: all"
+        "--suite",
+        type=_choice_list(("all", *SUITES), deprecated=tuple(DEPRECATED_SUITES)),
+        default=["all"],
+        help=f"comma-separated: {', '.join(SUITES)} (default: all)",
     )
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
     p.add_argument("--out", help="where the JSON and plots go (default: runs/bench-<date>-<device>)")

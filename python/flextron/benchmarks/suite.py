@@ -6,41 +6,61 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from flextron.benchmarks import elastic_attention, elastic_mlp, model, nested_linear
+from flextron.benchmarks import elastic_attention, elastic_mlp, elastic_model, nested_linear
 from flextron.benchmarks.common import BenchOptions, save_bar_plots
 
-Suite = Literal["kernels", "attention", "model"]
+# A suite is one benchmark: its module, its --suite name and its result files' stem
+# (<suite>-<device>.json and .png) are the same word.
+Suite = Literal["nested_linear", "elastic_mlp", "elastic_attention", "elastic_model"]
 SUITES: tuple[str, ...] = get_args(Suite)
+# The names before 0.2, accepted for one release with a warning.
+DEPRECATED_SUITES = {
+    "kernels": ("nested_linear", "elastic_mlp"),
+    "attention": ("elastic_attention",),
+    "model": ("elastic_model",),
+}
 
 
 @dataclass
 class BenchReport:
-    results: list[Path] = field(default_factory=list)  # one JSON per benchmark
-    plots: list[Path] = field(default_factory=list)
-    summary: list[dict] = field(default_factory=list)  # one row per benchmark (median ratios)
+    results: list[Path] = field(default_factory=list)  # one JSON per suite
+    plots: list[Path] = field(default_factory=list)  # one plot per suite
+    summary: list[dict] = field(default_factory=list)  # one row per suite (median ratios)
 
 
-def run(suites: tuple[str, ...], options: BenchOptions) -> BenchReport:
-    unknown = sorted(set(suites) - set(SUITES))
-    if unknown or not suites:
+def resolve_suites(suites: Sequence[str]) -> tuple[str, ...]:
+    """``suites`` with the deprecated group names expanded (a warning each), in run order."""
+    named: list[str] = []
+    for suite in suites:
+        if suite in DEPRECATED_SUITES:
+            replacement = DEPRECATED_SUITES[suite]
+            warnings.warn(
+                f"benchmark suite {suite!r} is deprecated: use {', '.join(replacement)}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            named += replacement
+        else:
+            named.append(suite)
+    unknown = sorted(set(named) - set(SUITES))
+    if unknown or not named:
         raise ValueError(f"benchmark suites are {list(SUITES)}, got {list(suites)}")
+    return tuple(s for s in SUITES if s in named)
+
+
+def run(suites: Sequence[str], options: BenchOptions) -> BenchReport:
     report = BenchReport()
-    if "kernels" in suites:
-        paths = [nested_linear.run(options), elastic_mlp.run(options)]
-        report.results += paths
-        report.plots.append(_plot_kernels(paths, options.out / f"kernels-{options.device}.png"))
-    if "attention" in suites:
-        path = elastic_attention.run(options)
+    for suite in resolve_suites(suites):
+        module, plot = _SUITES[suite]
+        path = module.run(options)
         report.results.append(path)
-        report.plots.append(_plot_attention(path, options.out / f"elastic_attention-{options.device}.png"))
-    if "model" in suites:
-        path = model.run(options)
-        report.results.append(path)
-        report.plots.append(_plot_model(path, options.out / f"elastic_model-{options.device}.png"))
+        report.plots.append(plot(path, path.with_suffix(".png")))
     report.summary = [summarize(json.loads(p.read_text())) for p in report.results]
     print("\n" + format_summary(report.summary))
     return report
@@ -95,22 +115,18 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _plot_kernels(json_paths: list[Path], out: Path) -> Path:
-    panels = []
-    for path in json_paths:
-        data = json.loads(path.read_text())
-        rows = data["rows"]
-        labels = [
-            f"{r.get('op', 'mlp').replace('nested_', '')}\n{r['shape']} T={r['tokens']}\n{r['mix']}"
-            for r in rows
-        ]
-        series = {
-            "ideal (FLOP share)": [r.get("ideal_fraction", r.get("mean_fraction")) for r in rows],
-            "flextron": [r["fraction_of_dense"] for r in rows],
-            "per-group torch loop": [r["loop_ms"] / r["dense_ms"] for r in rows],
-        }
-        panels.append((data, labels, series, "time / dense full-width time (lower is better)"))
-    return save_bar_plots(panels, out)
+def _plot_kernel(json_path: Path, out: Path) -> Path:
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    labels = [
+        f"{r.get('op', 'mlp').replace('nested_', '')}\n{r['shape']} T={r['tokens']}\n{r['mix']}" for r in rows
+    ]
+    series = {
+        "ideal (FLOP share)": [r.get("ideal_fraction", r.get("mean_fraction")) for r in rows],
+        "flextron": [r["fraction_of_dense"] for r in rows],
+        "per-group torch loop": [r["loop_ms"] / r["dense_ms"] for r in rows],
+    }
+    return save_bar_plots([(data, labels, series, "time / dense full-width time (lower is better)")], out)
 
 
 def _plot_model(json_path: Path, out: Path) -> Path:
@@ -139,3 +155,11 @@ def _plot_attention(json_path: Path, out: Path) -> Path:
     return save_bar_plots(
         [(data, labels, series, "time / dense full-width attention time (lower is better)")], out
     )
+
+
+_SUITES = {
+    "nested_linear": (nested_linear, _plot_kernel),
+    "elastic_mlp": (elastic_mlp, _plot_kernel),
+    "elastic_attention": (elastic_attention, _plot_attention),
+    "elastic_model": (elastic_model, _plot_model),
+}
