@@ -189,7 +189,9 @@ def test_bench_suites_are_named_like_their_modules_and_old_names_warn():
 
 
 def test_bench_quick_writes_results_and_summary(tmp_path, capsys):
-    code = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    code = cli.main(
+        ["bench", "--quick", "--modes", "forward,full", "--device", "cpu", "--out", str(tmp_path)]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     for name in ("nested_linear", "elastic_mlp", "elastic_attention", "elastic_model"):
@@ -199,6 +201,8 @@ def test_bench_quick_writes_results_and_summary(tmp_path, capsys):
             ratio = row.get("fraction_of_dense", row.get("fraction_of_full"))
             assert ratio > 0 and row["ours_ms"] > 0
         assert (tmp_path / f"{name}-cpu.png").stat().st_size > 0
+        trained = [r for r in rows if r.get("ours_full_ms", 0) > 0 and "ours_backward_ms" not in r]
+        assert trained or name == "nested_linear", name  # single kernels have no modes
     model_rows = json.loads((tmp_path / "elastic_model-cpu.json").read_text())["rows"]
     assert model_rows[0]["fraction_of_full"] == 1.0  # the first case is the full width itself
     assert all(0 < r["ideal_fraction"] <= 1 for r in model_rows)

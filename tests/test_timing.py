@@ -1,4 +1,4 @@
-"""flextron.timing: the one timer (interleaved samples, percentiles)."""
+"""flextron.timing: the one timer (interleaved samples, percentiles), and the benchmarks' modes."""
 
 from __future__ import annotations
 
@@ -33,3 +33,29 @@ def test_result_columns():
         "dense_p80_ms": 5.0,
         "dense_peak_mib": 12.5,
     }
+
+
+def test_benchmark_modes_time_forward_without_a_graph_backward_alone_and_full_steps():
+    import torch
+
+    from flextron.benchmarks.common import mode_ratios, time_modes
+
+    weight = torch.randn(8, 4)
+    x = torch.randn(3, 4)
+    grad_modes: list[bool] = []
+
+    def layer() -> torch.Tensor:
+        grad_modes.append(torch.is_grad_enabled())
+        return x @ weight.T
+
+    stats = time_modes({"ours": layer, "base": layer}, [x, weight], "cpu", repeat=2)
+    assert set(stats) == {"ours", "base", "ours_backward", "base_backward", "ours_full", "base_full"}
+    assert not x.requires_grad and x.grad is None and weight.grad is None  # leaves restored
+    ratios = mode_ratios(stats, "ours", "base", "fraction_of_dense")
+    assert set(ratios) == {"backward_fraction_of_dense", "full_fraction_of_dense"}
+    grad_modes.clear()
+    assert set(time_modes({"ours": layer}, [x, weight], "cpu", repeat=2, modes=("forward",))) == {"ours"}
+    assert grad_modes and not any(grad_modes)  # inference: no autograd graph
+    grad_modes.clear()
+    assert set(time_modes({"ours": layer}, [x, weight], "cpu", repeat=2, modes=("full",))) == {"ours_full"}
+    assert grad_modes and all(grad_modes)

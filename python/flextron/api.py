@@ -321,6 +321,7 @@ def bench(
     device: str | None = None,
     dtype: DtypeName = "auto",
     quick: bool = False,
+    modes: Sequence[str] = ("forward", "backward", "full"),
     out: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -329,7 +330,9 @@ def bench(
     ``"elastic_model"``; each writes ``<suite>-<device>.json`` and ``.png``) on this device (the
     GPU when there is one), print their tables and a summary of ratios against the
     baselines measured in the same run, and write JSON + plots to ``out`` (default:
-    ``runs/bench-<date>-<device>``; it must be empty unless ``overwrite``). Returns a
+    ``runs/bench-<date>-<device>``; it must be empty unless ``overwrite``). ``modes``: what is
+    timed, ``forward`` (inference), ``backward`` and ``full`` (a training step), each row's
+    columns ``NAME_ms``, ``NAME_backward_ms``, ``NAME_full_ms``. Returns a
     :class:`flextron.benchmarks.BenchReport`."""
     from flextron.benchmarks import BenchOptions
     from flextron.benchmarks import run as run_suites
@@ -343,6 +346,7 @@ def bench(
         device=resolved.type,
         dtype=resolve_dtype(dtype, resolved),
         quick=quick,
+        modes=tuple(modes),
         out=Path(out) if out is not None else default_out_dir(resolved.type),
     )
     check_free(options.out, overwrite)

@@ -249,6 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         quick=args.quick,
+        modes=args.modes,
         out=args.out,
         seed=args.seed,
         overwrite=args.overwrite,
@@ -475,6 +476,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated: {', '.join(SUITES)} (default: all)",
     )
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    _option(
+        p,
+        api.bench,
+        "--modes",
+        "comma-separated: forward (inference), backward, full (a training step)",
+        type=_choice_list(("forward", "backward", "full")),
+    )
     p.add_argument("--out", help="where the JSON and plots go (default: runs/bench-<date>-<device>)")
     _overwrite(p)
     _common(p, api.bench, unset_device="cuda when there is a GPU, else cpu")

@@ -1,5 +1,6 @@
-"""Shared benchmark machinery: timing (CUDA events on the GPU, perf_counter on the CPU,
-warm-up then median), shape/width-mix definitions, JSON results and plots.
+"""Shared benchmark machinery: timing in the forward, backward and full (training step)
+modes with the one timer (flextron.timing), shape/width-mix definitions, JSON results and
+plots.
 
 Benchmarks report measured times and ratios against baselines measured in the same run;
 nothing here asserts on speed.
@@ -7,12 +8,14 @@ nothing here asserts on speed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -25,6 +28,10 @@ def default_out_dir(device: str) -> Path:
     return Path("runs") / f"bench-{dt.date.today().isoformat()}-{device}"
 
 
+Mode = Literal["forward", "backward", "full"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     """What every benchmark suite takes. ``device`` is ``"cpu"`` or ``"cuda"`` (the current
@@ -33,11 +40,14 @@ class BenchOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     quick: bool = False  # fewer shapes and repeats: a smoke run
+    modes: tuple[str, ...] = MODES  # forward, backward, full (see time_modes)
     out: Path = field(default_factory=lambda: default_out_dir("cpu"))
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"benchmark device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not self.modes or not set(self.modes) <= set(MODES):
+            raise ValueError(f"benchmark modes are {list(MODES)}, got {list(self.modes)}")
 
     @property
     def on_gpu(self) -> bool:
@@ -76,6 +86,70 @@ def time_all(fns: dict[str, Callable[[], object]], device: str, repeat: int = 10
     """``{name: Stats}``: the callables timed interleaved by this device's Timer (L2 flushed
     on a GPU; see flextron.timing)."""
     return _timer(device).measure(fns, repeat=repeat)
+
+
+def time_modes(
+    fns: dict[str, Callable[[], torch.Tensor]],
+    leaves: Sequence[torch.Tensor],
+    device: str,
+    repeat: int,
+    modes: Sequence[str] = MODES,
+) -> dict[str, Stats]:
+    """Each callable in each mode, all timed interleaved: ``forward`` as in inference (no
+    autograd graph; key ``NAME``), ``backward`` alone (of one recorded forward, its graph
+    retained; ``NAME_backward``) and ``full``, a training step's forward + backward
+    (``NAME_full``). Gradients flow to ``leaves`` (inputs and weights; their ``requires_grad``
+    and ``.grad`` are restored afterwards)."""
+    timed: dict[str, Callable[[], object]] = {}
+    if "forward" in modes:
+        timed |= {name: _without_grad(fn) for name, fn in fns.items()}
+    with _requiring_grad(leaves):
+        if "backward" in modes:
+            for name, fn in fns.items():
+                with torch.enable_grad():
+                    loss = fn().float().sum()
+                timed[f"{name}_backward"] = lambda loss=loss: loss.backward(retain_graph=True)
+        if "full" in modes:
+            timed |= {
+                f"{name}_full": _with_grad(lambda fn=fn: fn().float().sum().backward())
+                for name, fn in fns.items()
+            }
+        return time_all(timed, device, repeat)
+
+
+def mode_ratios(stats: dict[str, Stats], ours: str, baseline: str, column: str) -> dict[str, float]:
+    """``{mode}_{column}``: ours / baseline time in the backward and full modes that ran."""
+    return {
+        f"{mode}_{column}": stats[f"{ours}_{mode}"].median / stats[f"{baseline}_{mode}"].median
+        for mode in ("backward", "full")
+        if f"{ours}_{mode}" in stats and f"{baseline}_{mode}" in stats
+    }
+
+
+def _without_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    return lambda: _call(fn, False)
+
+
+def _with_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    return lambda: _call(fn, True)
+
+
+def _call(fn: Callable[[], object], grad: bool) -> object:
+    with torch.set_grad_enabled(grad):
+        return fn()
+
+
+@contextlib.contextmanager
+def _requiring_grad(leaves: Sequence[torch.Tensor]) -> Iterator[None]:
+    before = [(t.requires_grad, t.grad) for t in leaves]
+    for t in leaves:
+        t.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t, (required, grad) in zip(leaves, before, strict=True):
+            t.requires_grad_(required)
+            t.grad = grad
 
 
 @functools.cache
@@ -136,7 +210,7 @@ def run_mlp_shape_sweep(
 ) -> Path:
     """The sweep shared by the MLP-shaped benchmarks: shapes x tokens x mixes, a printed
     table and JSON. ``bench_case(results, device, dtype, name, hidden, inner, tokens,
-    mix_name, repeat)`` measures one case and adds its row."""
+    mix_name, repeat, modes)`` measures one case and adds its row."""
     shapes = GPU_SHAPES if options.on_gpu else CPU_SHAPES
     tokens_list = GPU_TOKENS if options.on_gpu else CPU_TOKENS
     if options.quick:
@@ -158,6 +232,7 @@ def run_mlp_shape_sweep(
                     tokens,
                     mix_name,
                     options.repeat(9),
+                    options.modes,
                 )
     print_table(results.rows, table_columns)
     path = results.write(options.out)

@@ -2,7 +2,8 @@
 run: the dense full-width layer, and for each static head count the same layer built on
 sliced weights (the "static sliced model"). Prefill (causal, batch 1) and one decode step
 with a filled KV cache; static head counts, a per-token mix (both core-attention backends:
-banded SDPA and FlexAttention) and a batch of sequences with different budgets.
+banded SDPA and FlexAttention) and a batch of sequences with different budgets. Prefill is
+timed in the forward, backward and full (training step) modes; decode in the forward mode.
 
 The ideal is FLOP-proportional: time x (FLOPs of the routed layer / FLOPs of the dense one),
 counting the projections and the causal core attention each token actually uses.
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from flextron.benchmarks.common import BenchOptions, Results, print_table, time_all
+from flextron.benchmarks.common import BenchOptions, Results, mode_ratios, print_table, time_all, time_modes
 from flextron.layers import ElasticAttention
 from flextron.rope import apply_rotary
 from flextron.timing import Stats, stats_columns
@@ -105,19 +106,30 @@ class PlainAttention:
 
 def add_row(results, common: dict, case: str, backend: str, stats: dict[str, Stats], ideal: float) -> None:
     """``stats``: "ours" and "dense" (and "sliced", the plain layer at the same head count),
-    timed interleaved."""
-    ours_ms, dense_ms = stats["ours"].median, stats["dense"].median
-    sliced_ms = stats["sliced"].median if "sliced" in stats else None
+    timed interleaved, in the modes that ran (see common.time_modes)."""
+    forward = {}
+    if "ours" in stats:
+        ours_ms, dense_ms = stats["ours"].median, stats["dense"].median
+        sliced_ms = stats["sliced"].median if "sliced" in stats else None
+        forward = {
+            "fraction_of_dense": ours_ms / dense_ms,
+            "vs_ideal": ours_ms / (ideal * dense_ms),
+            "vs_sliced": ours_ms / sliced_ms if sliced_ms else None,
+        }
     results.add(
         **common,
         case=case,
         backend=backend,
         **{"sliced_ms": None, **stats_columns(stats)},
-        fraction_of_dense=ours_ms / dense_ms,
         ideal_fraction=ideal,
-        vs_ideal=ours_ms / (ideal * dense_ms),
-        vs_sliced=ours_ms / sliced_ms if sliced_ms else None,
+        **forward,
+        **mode_ratios(stats, "ours", "dense", "fraction_of_dense"),
+        **mode_ratios(stats, "ours", "sliced", "vs_sliced"),
     )
+
+
+def weights(*layers: PlainAttention) -> list[torch.Tensor]:
+    return [t for layer in layers for t in (layer.w_qkv, layer.w_o)]
 
 
 def mixed_choice(batch: int, steps: int, groups: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -125,7 +137,7 @@ def mixed_choice(batch: int, steps: int, groups: int, device: str, seed: int = 0
     return torch.randint(0, groups, (batch, steps), generator=gen).to(device)
 
 
-def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
+def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat, modes):
     x = torch.randn(1, steps, shape.hidden, dtype=dtype, device=device)
     positions = torch.arange(steps, device=device)[None]
     cos, sin = layer.rotary(positions)
@@ -142,31 +154,31 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat):
             "sliced": lambda sliced=sliced: sliced(x, cos, sin),
         }
         ideal = layer_flops(shape, torch.full((steps,), heads, device=device), keys) / full_flops
-        add_row(
-            results,
-            common,
-            f"static {heads}/{shape.heads} heads",
-            "sdpa",
-            time_all(fns, device, repeat),
-            ideal,
-        )
+        leaves = [x, *layer.parameters(), *weights(dense, sliced)]
+        stats = time_modes(fns, leaves, device, repeat, modes)
+        add_row(results, common, f"static {heads}/{shape.heads} heads", "sdpa", stats, ideal)
 
     choice = mixed_choice(1, steps, len(layer.head_counts), device)
     token_heads = layer.head_count_lookup[choice].reshape(-1)
     proportional = layer_flops(shape, token_heads, keys) / full_flops
     for backend in ("sdpa", "flex"):
+        backend_modes = modes
+        if backend == "flex" and x.device.type == "cpu":  # FlexAttention has no CPU backward
+            backend_modes = tuple(m for m in modes if m == "forward")
+        if not backend_modes:
+            continue
         layer.attention_backend = backend
         fns = {
             "ours": lambda: layer(x, choice, position_embeddings=(cos, sin)),
             "dense": lambda: dense(x, cos, sin),
         }
-        add_row(
-            results, common, "per-token uniform mix", backend, time_all(fns, device, repeat), proportional
-        )
+        leaves = [x, *layer.parameters(), *weights(dense)]
+        stats = time_modes(fns, leaves, device, repeat, backend_modes)
+        add_row(results, common, "per-token uniform mix", backend, stats, proportional)
     layer.attention_backend = "sdpa"
 
 
-def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat):
+def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat, modes):
     """A batch with one sequence per head choice (requests with different budgets)."""
     groups = len(layer.head_counts)
     x = torch.randn(groups, steps, shape.hidden, dtype=dtype, device=device)
@@ -188,10 +200,12 @@ def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat
         "tokens": groups * steps,
         "dtype": str(dtype)[6:],
     }
-    add_row(results, common, "per-sequence budgets", "sdpa", time_all(fns, device, repeat), ideal)
+    stats = time_modes(fns, [x, *layer.parameters(), *weights(dense)], device, repeat, modes)
+    add_row(results, common, "per-sequence budgets", "sdpa", stats, ideal)
 
 
 def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat):
+    """One decode step (inference: timed in the forward mode only)."""
     cache = layer.new_cache(batch, cached + 1)
     cache.k.normal_()
     cache.v.normal_()
@@ -251,9 +265,10 @@ def run(options: BenchOptions) -> Path:
                 dtype=dtype,
             )
             for steps in prefill:
-                bench_prefill(results, layer, shape, name, steps, device, dtype, repeat)
-            bench_per_sequence(results, layer, shape, name, prefill[0], device, dtype, repeat)
-            bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat)
+                bench_prefill(results, layer, shape, name, steps, device, dtype, repeat, options.modes)
+            bench_per_sequence(results, layer, shape, name, prefill[0], device, dtype, repeat, options.modes)
+            if "forward" in options.modes:
+                bench_decode(results, layer, shape, name, batch, cached, device, dtype, repeat)
     print_table(
         results.rows,
         [
@@ -266,6 +281,7 @@ def run(options: BenchOptions) -> Path:
             "ideal_fraction",
             "vs_ideal",
             "vs_sliced",
+            "full_fraction_of_dense",
         ],
     )
     path = results.write(out_dir)

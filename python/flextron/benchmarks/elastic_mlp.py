@@ -1,7 +1,7 @@
 """Token-routed elastic MLP (flextron.elastic_mlp, SwiGLU) vs baselines measured in the same
 run: the dense full-width MLP, and the per-group torch loop that slices the weights for each
-width (reference.elastic_mlp); forward alone, and a training step (forward + backward to
-the input and the weights). Also times the routing alone (route_plan + permute +
+width (reference.elastic_mlp); in the forward, backward and full (training step: forward +
+backward to the input and the weights) modes. Also times the routing alone (route_plan + permute +
 unpermute) as a share of the routed MLP.
 
 At mean width fraction r the FLOP-proportional ideal is r x the dense MLP time.
@@ -21,8 +21,10 @@ from flextron.benchmarks.common import (
     Results,
     choices_for_mix,
     mean_fraction,
+    mode_ratios,
     run_mlp_shape_sweep,
     time_all,
+    time_modes,
 )
 from flextron.conversion import default_mlp_widths
 from flextron.timing import stats_columns
@@ -31,22 +33,6 @@ from flextron.timing import stats_columns
 def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> torch.Tensor:
     plan = flextron.route_plan(choice, widths)
     return flextron.unpermute(flextron.permute(x, plan), plan)
-
-
-def time_training_steps(x, choice, widths: list[int], params: dict, device: str, repeat: int) -> dict:
-    """Forward + backward of ours, the dense MLP and the per-group loop, timed interleaved."""
-    trained = {k: v.detach().requires_grad_() for k, v in params.items()}
-    x_train = x.detach().requires_grad_()
-
-    def step(mlp) -> None:
-        mlp().float().sum().backward()
-
-    fns = {
-        "ours_train": lambda: step(lambda: flextron.elastic_mlp(x_train, choice, widths=widths, **trained)),
-        "dense_train": lambda: step(lambda: reference.dense_mlp(x_train, **trained)),
-        "loop_train": lambda: step(lambda: reference.elastic_mlp(x_train, choice, widths=widths, **trained)),
-    }
-    return time_all(fns, device, repeat)
 
 
 def bench_case(
@@ -59,6 +45,7 @@ def bench_case(
     tokens: int,
     mix_name: str,
     repeat: int,
+    modes: tuple[str, ...],
 ):
     widths = list(default_mlp_widths(inner))
     mix = MIXES[mix_name]
@@ -71,23 +58,31 @@ def bench_case(
     params = {"w_up": weight(inner, hidden), "w_gate": weight(inner, hidden), "w_down": weight(hidden, inner)}
     x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
     ratio = mean_fraction(widths, mix)
-    forward = time_all(
+    stats = time_modes(
         {
             "ours": lambda: flextron.elastic_mlp(x, choice, widths=widths, **params),
             "dense": lambda: reference.dense_mlp(x, **params),
             "loop": lambda: reference.elastic_mlp(x, choice, widths=widths, **params),
-            "routing": lambda: routing_only(x, choice, widths),
         },
+        [x, *params.values()],
         device,
         repeat,
+        modes,
     )
-    train = time_training_steps(x, choice, widths, params, device, repeat)
-    ours_ms, dense_ms, loop_ms = (forward[k].median for k in ("ours", "dense", "loop"))
-    ours_train_ms, dense_train_ms, loop_train_ms = (
-        train[k].median for k in ("ours_train", "dense_train", "loop_train")
-    )
+    if "forward" in modes:
+        stats |= time_all({"routing": lambda: routing_only(x, choice, widths)}, device, repeat)
     counts = torch.bincount(choice, minlength=len(widths)).tolist()
     useful = 3 * 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
+    forward = {}
+    if "forward" in modes:
+        ours_ms, dense_ms, loop_ms = (stats[k].median for k in ("ours", "dense", "loop"))
+        forward = {
+            "ours_tflops": useful / ours_ms / 1e9,
+            "fraction_of_dense": ours_ms / dense_ms,
+            "vs_ideal": ours_ms / (ratio * dense_ms),
+            "speedup_vs_loop": loop_ms / ours_ms,
+            "routing_share": stats["routing"].median / ours_ms,
+        }
     results.add(
         shape=name,
         H=hidden,
@@ -97,15 +92,10 @@ def bench_case(
         dtype=str(dtype).split(".")[-1],
         widths=widths,
         mean_fraction=round(ratio, 4),
-        **stats_columns(forward),
-        **stats_columns(train),
-        ours_tflops=useful / ours_ms / 1e9,
-        fraction_of_dense=ours_ms / dense_ms,
-        vs_ideal=ours_ms / (ratio * dense_ms),
-        speedup_vs_loop=loop_ms / ours_ms,
-        routing_share=forward["routing"].median / ours_ms,
-        train_fraction_of_dense=ours_train_ms / dense_train_ms,
-        train_speedup_vs_loop=loop_train_ms / ours_train_ms,
+        **stats_columns(stats),
+        **forward,
+        **mode_ratios(stats, "ours", "dense", "fraction_of_dense"),
+        **{k: 1 / v for k, v in mode_ratios(stats, "ours", "loop", "speedup_vs_loop").items()},
     )
 
 
@@ -122,8 +112,9 @@ def run(options: BenchOptions) -> Path:
             "vs_ideal",
             "speedup_vs_loop",
             "routing_share",
-            "train_fraction_of_dense",
-            "train_speedup_vs_loop",
+            "backward_fraction_of_dense",
+            "full_fraction_of_dense",
+            "full_speedup_vs_loop",
         ],
         options,
     )

@@ -1,5 +1,5 @@
-"""A whole elastic model's forward pass (prefill) vs plain Hugging Face transformers models
-measured in the same run: ``ElasticLM`` at full width vs the transformers model with the
+"""A whole elastic model (prefill) vs plain Hugging Face transformers models measured in the
+same run, in the forward, backward and full (training step) modes: ``ElasticLM`` at full width vs the transformers model with the
 same weights, and each uniform sub-network vs a transformers model of exactly that size
 (the "static sliced model": what you would get by exporting it). Also a per-token routed
 mix. Random weights: the time does not depend on their values.
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flextron.benchmarks.common import BenchOptions, Results, print_table, time_all
+from flextron.benchmarks.common import BenchOptions, Results, print_table, time_modes
 from flextron.conversion import hf_submodel
 from flextron.model import ElasticConfig, ElasticLM, Routing
-from flextron.timing import stats_columns
+from flextron.timing import Stats, stats_columns
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,23 @@ def run(options: BenchOptions) -> Path:
                 p.normal_(0.0, 0.02)
             source = shape.source_config()
             for tokens in tokens_list:
-                _bench_shape(results, model, source, name, tokens, device, repeat, options.quick)
+                _bench_shape(
+                    results, model, source, name, tokens, device, repeat, options.quick, options.modes
+                )
             del model
     print_table(
         results.rows,
-        ["shape", "tokens", "case", "fraction_of_full", "ideal_fraction", "vs_ideal", "vs_transformers"],
+        [
+            "shape",
+            "tokens",
+            "case",
+            "fraction_of_full",
+            "ideal_fraction",
+            "vs_ideal",
+            "vs_transformers",
+            "full_fraction_of_full",
+            "full_vs_transformers",
+        ],
     )
     path = results.write(options.out)
     print(f"wrote {path}")
@@ -121,7 +133,9 @@ def _fewer_layers(shape: ModelShape) -> ModelShape:
     return ModelShape(**{**shape.__dict__, "layers": min(shape.layers, 2)})
 
 
-def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int, device, repeat, quick):
+def _bench_shape(
+    results, model: ElasticLM, source: dict, name: str, tokens: int, device, repeat, quick, modes
+):
     config = model.config
     ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
     head_flops = 2 * config.vocab_size * config.hidden_size * tokens  # the LM head: never elastic
@@ -132,28 +146,26 @@ def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int
         "tokens": tokens,
         "dtype": str(model.embed_tokens.weight.dtype)[6:],
     }
-    full_ms = None
+    full_stats: dict[str, Stats] | None = None
     cases = UNIFORM_CASES[:2] if quick else UNIFORM_CASES
     for mlp, attention in tqdm(cases, desc=f"{name} T={tokens}", leave=False):
         routing = Routing.uniform(config.num_layers, mlp, attention)
         hf_model, width, heads = hf_submodel(model, source, mlp, attention)
         fns = {
             "ours": lambda r=routing: model(ids, r),
-            "transformers": lambda m=hf_model: m(ids, use_cache=False),
+            "transformers": lambda m=hf_model: m(ids, use_cache=False).logits,
         }
-        stats = time_all(fns, device, repeat)
-        ours_ms, hf_ms = stats["ours"].median, stats["transformers"].median
-        del hf_model, fns
-        full_ms = full_ms or ours_ms  # the first case is the full width
+        leaves = [*model.parameters(), *hf_model.parameters()]
+        stats = time_modes(fns, leaves, device, repeat, modes)
+        del hf_model, fns, leaves
+        full_stats = full_stats or stats  # the first case is the full width
         ideal = (config.num_layers * layer_flops(config, mlp, attention, tokens) + head_flops) / full_flops
         results.add(
             **common,
             case=f"uniform MLP {width} heads {heads}",
             **stats_columns(stats),
-            fraction_of_full=ours_ms / full_ms,
             ideal_fraction=round(ideal, 4),
-            vs_ideal=ours_ms / (ideal * full_ms),
-            vs_transformers=ours_ms / hf_ms,
+            **_ratios(stats, full_stats, ideal),
         )
     # Per token: every layer routes each token to a random MLP width and head count.
     gen = torch.Generator().manual_seed(0)
@@ -166,19 +178,33 @@ def _bench_shape(results, model: ElasticLM, source: dict, name: str, tokens: int
         for _ in range(config.num_layers)
     ]
     routing = Routing(mlp_choice, attention_choice)
-    stats = time_all({"ours": lambda: model(ids, routing)}, device, repeat)
-    ours_ms = stats["ours"].median
+    stats = time_modes({"ours": lambda: model(ids, routing)}, list(model.parameters()), device, repeat, modes)
     ideal = (_token_flops(config, mlp_choice, attention_choice, tokens) + head_flops) / full_flops
     results.add(
         **common,
         case="per-token uniform mix",
         **stats_columns(stats),
         transformers_ms=None,
-        fraction_of_full=ours_ms / full_ms,
         ideal_fraction=round(ideal, 4),
-        vs_ideal=ours_ms / (ideal * full_ms),
-        vs_transformers=None,
+        **_ratios(stats, full_stats, ideal),
     )
+
+
+def _ratios(stats: dict[str, Stats], full: dict[str, Stats], ideal: float) -> dict[str, float | None]:
+    """Ours over our full width in every mode that ran; in the forward mode also over the
+    FLOP-proportional ideal and over transformers (None when it was not timed)."""
+    ratios: dict[str, float | None] = {}
+    for mode, suffix in (("", ""), ("backward_", "_backward"), ("full_", "_full")):
+        if f"ours{suffix}" in stats:
+            ratios[f"{mode}fraction_of_full"] = stats[f"ours{suffix}"].median / full[f"ours{suffix}"].median
+        if f"transformers{suffix}" in stats:
+            ratios[f"{mode}vs_transformers"] = (
+                stats[f"ours{suffix}"].median / stats[f"transformers{suffix}"].median
+            )
+    if "ours" in stats:
+        ratios["vs_ideal"] = ratios["fraction_of_full"] / ideal
+        ratios.setdefault("vs_transformers", None)
+    return ratios
 
 
 def _token_flops(config: ElasticConfig, mlp_choice, attention_choice, tokens: int) -> float:

@@ -4,6 +4,9 @@ slices (reference.py), and on the GPU torch._grouped_mm over zero-padded weights
 
 Reports useful TFLOP/s (only the FLOPs of each token's width), the time as a fraction of the
 dense time next to the FLOP-proportional ideal, and the speed-up over the per-group loop.
+Each op is one kernel call, so there are no modes here: nested_linear_k and
+nested_weight_grad are the two halves of nested_linear_n's backward (elastic_mlp times the
+backward and full modes of the layer built from them).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def bench_case(
     tokens: int,
     mix_name: str,
     repeat: int,
+    modes: tuple[str, ...],  # unused: one kernel per op (see the module docstring)
 ):
     widths = list(default_mlp_widths(inner))
     mix = MIXES[mix_name]

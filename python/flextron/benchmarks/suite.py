@@ -82,6 +82,7 @@ def summarize(data: dict) -> dict:
         "time_vs_ideal": median("vs_ideal"),
         "speedup_vs_loop": median("speedup_vs_loop"),
         "time_vs_static_sliced": median("vs_sliced") or median("vs_transformers"),
+        "full_time_vs_dense": median("full_fraction_of_dense") or median("full_fraction_of_full"),
         "routing_share": median("routing_share"),
     }
 
@@ -95,6 +96,7 @@ def format_summary(rows: list[dict]) -> str:
         ("time_vs_ideal", "time / ideal"),
         ("speedup_vs_loop", "speed-up vs per-group torch loop"),
         ("time_vs_static_sliced", "time / plain torch model of that size"),
+        ("full_time_vs_dense", "training step / dense"),
         ("routing_share", "routing share"),
     ]
     device = rows[0]["device"] if rows else "?"
