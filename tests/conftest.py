@@ -86,3 +86,23 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "sonnets.txt"
     path.write_text(next(t for t in data.shakespeare("train") if t.name == "sonnets").content)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_texts():
+    """(training plays, held-out plays) from the embedded Shakespeare: two and one."""
+    require_embedded()
+    from flextron import data
+
+    return data.shakespeare("train")[:2], data.shakespeare("eval")[:1]
+
+
+@pytest.fixture(scope="session")
+def tiny_elastic(tiny_model_dir, tiny_texts, tmp_path_factory):
+    """The tiny Llama converted to an elastic checkpoint (MLP widths by default, heads 4 and
+    2), shared read-only by the training and output tests."""
+    from flextron.conversion import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("tiny-elastic") / "elastic"
+    options = ConvertOptions(seq_len=32, max_tokens=512, table_tokens=128, progress=False, head_counts=(4, 2))
+    return convert(tiny_model_dir, tiny_texts[0], out, options)

@@ -24,21 +24,9 @@ from flextron.training import TrainConfig, train
 SMALL = {"batch_size": 2, "seq_len": 32, "train_tokens": 3000, "eval_tokens": 64, "warmup_steps": 1}
 
 
-@pytest.fixture(scope="module")
-def texts():
-    return data.shakespeare("train")[:1], data.shakespeare("eval")[:1]
-
-
-@pytest.fixture(scope="module")
-def elastic(tiny_model_dir, texts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs") / "elastic"
-    options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_counts=(4, 2))
-    return convert(tiny_model_dir, texts[0], out, options)
-
-
-def run(elastic, texts, out, steps=2, **kwargs):
+def run(tiny_elastic, tiny_texts, out, steps=2, **kwargs):
     config = TrainConfig(stage="elastic", steps=steps, save_every=1, keep_last=2, **SMALL)
-    return train(config, elastic, texts[0], out, texts[1], progress=False, **kwargs)
+    return train(config, tiny_elastic, tiny_texts[0], out, tiny_texts[1], progress=False, **kwargs)
 
 
 def logged_steps(out):
@@ -46,12 +34,12 @@ def logged_steps(out):
     return [entry["step"] for entry in lines if "step" in entry]
 
 
-def test_a_new_run_refuses_another_runs_directory(elastic, texts, tmp_path):
-    run(elastic, texts, tmp_path / "run", steps=4)
+def test_a_new_run_refuses_another_runs_directory(tiny_elastic, tiny_texts, tmp_path):
+    run(tiny_elastic, tiny_texts, tmp_path / "run", steps=4)
     with pytest.raises(OutputError, match=r"holds another run's checkpoints .*--resume.*--overwrite"):
-        run(elastic, texts, tmp_path / "run", steps=2)
+        run(tiny_elastic, tiny_texts, tmp_path / "run", steps=2)
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-000004"  # untouched
-    run(elastic, texts, tmp_path / "run", steps=2, overwrite=True)
+    run(tiny_elastic, tiny_texts, tmp_path / "run", steps=2, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [
         "checkpoint-000001",
         "checkpoint-000002",
@@ -59,19 +47,19 @@ def test_a_new_run_refuses_another_runs_directory(elastic, texts, tmp_path):
     assert logged_steps(tmp_path / "run") == [1, 2]  # the old run's log is gone with it
 
 
-def test_training_never_writes_over_its_source(elastic, texts, tmp_path):
-    run(elastic, texts, tmp_path / "run", steps=2)
+def test_training_never_writes_over_its_source(tiny_elastic, tiny_texts, tmp_path):
+    run(tiny_elastic, tiny_texts, tmp_path / "run", steps=2)
     source = tmp_path / "run" / "checkpoint-000002"
     config = TrainConfig(stage="elastic", steps=2, **SMALL)
     with pytest.raises(OutputError, match="overlaps the source"):
-        train(config, source, texts[0], tmp_path / "run", texts[1], progress=False, overwrite=True)
+        train(config, source, tiny_texts[0], tmp_path / "run", tiny_texts[1], progress=False, overwrite=True)
     load_elastic(source)
 
 
-def test_pruning_keeps_the_newest_steps_by_number(elastic, texts, tmp_path):
+def test_pruning_keeps_the_newest_steps_by_number(tiny_elastic, tiny_texts, tmp_path):
     """checkpoint-1000000 sorts before checkpoint-999999 by name: pruning goes by step."""
     out = tmp_path / "run"
-    run(elastic, texts, out, steps=3)
+    run(tiny_elastic, tiny_texts, out, steps=3)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
     (out / "checkpoint-000003").rename(out / "checkpoint-1000000")
     (out / "latest").write_text("checkpoint-1000000\n")
@@ -80,24 +68,24 @@ def test_pruning_keeps_the_newest_steps_by_number(elastic, texts, tmp_path):
     assert [p.name for p in run_checkpoints(out)] == ["checkpoint-000002", "checkpoint-1000000"]
 
 
-def test_resume_refuses_changed_settings_and_truncates_the_log(elastic, texts, tmp_path):
+def test_resume_refuses_changed_settings_and_truncates_the_log(tiny_elastic, tiny_texts, tmp_path):
     out = tmp_path / "run"
-    run(elastic, texts, out, steps=2)
+    run(tiny_elastic, tiny_texts, out, steps=2)
     with (out / "log.jsonl").open("a") as f:  # a killed run logged a step it never saved
         f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     changed = TrainConfig(stage="elastic", steps=3, save_every=1, **{**SMALL, "batch_size": 3, "seq_len": 16})
     with pytest.raises(CheckpointError, match=r"batch_size: 2 -> 3, seq_len: 32 -> 16"):
-        train(changed, "unused", texts[0], out, texts[1], resume=True, progress=False)
-    other_text = [data.Text("other", texts[0][0].content[5000:])]
+        train(changed, "unused", tiny_texts[0], out, tiny_texts[1], resume=True, progress=False)
+    other_text = [data.Text("other", tiny_texts[0][0].content[5000:])]
     same_settings = TrainConfig(stage="elastic", steps=3, save_every=1, keep_last=2, **SMALL)
     with pytest.raises(CheckpointError, match=r"started on other training text \(--data\)"):
-        train(same_settings, "unused", other_text, out, texts[1], resume=True, progress=False)
+        train(same_settings, "unused", other_text, out, tiny_texts[1], resume=True, progress=False)
     more_steps = TrainConfig(stage="elastic", steps=3, save_every=1, keep_last=2, **SMALL)  # may change
-    train(more_steps, "unused", texts[0], out, texts[1], resume=True, progress=False)
+    train(more_steps, "unused", tiny_texts[0], out, tiny_texts[1], resume=True, progress=False)
     assert logged_steps(out) == [1, 2, 3]
 
 
-def test_one_writer_per_run_directory(elastic, texts, tmp_path):
+def test_one_writer_per_run_directory(tiny_elastic, tiny_texts, tmp_path):
     """A second process on the same --out is refused with the holder's PID; the lock goes
     with its holder (a dead process leaves nothing to clean up)."""
     out = tmp_path / "run"
@@ -120,40 +108,40 @@ def test_one_writer_per_run_directory(elastic, texts, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputError, match=f"being written by another process \\(PID {holder.pid}\\)"):
-            run(elastic, texts, out, steps=1)
+            run(tiny_elastic, tiny_texts, out, steps=1)
     finally:
         holder.kill()
         holder.wait()
-    run(elastic, texts, out, steps=1)  # the dead holder's lock is free
+    run(tiny_elastic, tiny_texts, out, steps=1)  # the dead holder's lock is free
 
 
 def test_export_and_convert_refuse_their_source_and_existing_outputs(
-    elastic, tiny_model_dir, texts, tmp_path
+    tiny_elastic, tiny_model_dir, tiny_texts, tmp_path
 ):
     with pytest.raises(OutputError, match="overlaps the source"):
-        flextron.export(elastic, elastic, mlp_choice=0, attention_choice=0, overwrite=True)
+        flextron.export(tiny_elastic, tiny_elastic, mlp_choice=0, attention_choice=0, overwrite=True)
     with pytest.raises(OutputError, match="overlaps the source"):
-        convert(tiny_model_dir, texts[0], tiny_model_dir, ConvertOptions(progress=False), overwrite=True)
+        convert(tiny_model_dir, tiny_texts[0], tiny_model_dir, ConvertOptions(progress=False), overwrite=True)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(OutputError, match="already exists and is not empty: pass --overwrite"):
-        flextron.export(elastic, mine, mlp_choice=0, attention_choice=0)
+        flextron.export(tiny_elastic, mine, mlp_choice=0, attention_choice=0)
     assert (mine / "notes.txt").read_text() == "keep me"
-    flextron.export(elastic, mine, mlp_choice=1, attention_choice=1, overwrite=True)
+    flextron.export(tiny_elastic, mine, mlp_choice=1, attention_choice=1, overwrite=True)
     assert not (mine / "notes.txt").exists() and (mine / "config.json").is_file()
 
 
 @pytest.mark.parametrize("choice", [-1, 2])
-def test_export_refuses_choices_out_of_range(elastic, tmp_path, choice):
+def test_export_refuses_choices_out_of_range(tiny_elastic, tmp_path, choice):
     with pytest.raises(ValueError, match=r"--mlp-choice must be an index in \[0, 2\)"):
-        flextron.export(elastic, tmp_path / "x", mlp_choice=choice, attention_choice=0)
+        flextron.export(tiny_elastic, tmp_path / "x", mlp_choice=choice, attention_choice=0)
 
 
-def test_a_killed_write_leaves_the_old_output_whole(elastic, tmp_path, monkeypatch):
+def test_a_killed_write_leaves_the_old_output_whole(tiny_elastic, tmp_path, monkeypatch):
     """Killed between files, convert/export leave the previous output, never a mix."""
     out = tmp_path / "export"
-    flextron.export(elastic, out, mlp_choice=0, attention_choice=0)
+    flextron.export(tiny_elastic, out, mlp_choice=0, attention_choice=0)
     before = sorted(p.name for p in out.iterdir())
 
     def killed(path, *args, **kwargs):  # the last file: weights and tokenizer are written
@@ -161,19 +149,19 @@ def test_a_killed_write_leaves_the_old_output_whole(elastic, tmp_path, monkeypat
 
     monkeypatch.setattr("flextron.conversion.atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
-        flextron.export(elastic, out, mlp_choice=1, attention_choice=1, overwrite=True)
+        flextron.export(tiny_elastic, out, mlp_choice=1, attention_choice=1, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / "flextron_export.json").read_text())["mlp_choice"] == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.partial")] == []
 
 
 def test_a_convert_killed_between_files_leaves_the_old_checkpoint_whole(
-    elastic, tiny_model_dir, texts, tmp_path, monkeypatch
+    tiny_elastic, tiny_model_dir, tiny_texts, tmp_path, monkeypatch
 ):
     import shutil
 
     out = tmp_path / "elastic"
-    shutil.copytree(elastic, out)
+    shutil.copytree(tiny_elastic, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def killed(path, *args, **kwargs):  # flextron.json is the last file: weights and tokenizer are written
@@ -182,7 +170,7 @@ def test_a_convert_killed_between_files_leaves_the_old_checkpoint_whole(
     monkeypatch.setattr("flextron.checkpoint.atomic_write_json", killed)
     options = ConvertOptions(seq_len=32, max_tokens=256, table_tokens=64, progress=False, head_counts=(4,))
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny_model_dir, texts[0], out, options, overwrite=True)
+        convert(tiny_model_dir, tiny_texts[0], out, options, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["elastic"]
 
@@ -203,10 +191,10 @@ def test_staged_directory_cleans_up_after_a_killed_process(tmp_path):
     assert (out / "file").read_text() == "new" and not stale.exists()
 
 
-def test_files_follow_the_umask(elastic, texts, tmp_path):
+def test_files_follow_the_umask(tiny_elastic, tiny_texts, tmp_path):
     old = os.umask(0o027)  # group may read, others nothing
     try:
-        run(elastic, texts, tmp_path / "run", steps=1)
+        run(tiny_elastic, tiny_texts, tmp_path / "run", steps=1)
     finally:
         os.umask(old)
     for name in ("model.safetensors", "flextron.json", "optimizer.safetensors", "trainer.json"):
@@ -312,9 +300,9 @@ def test_binary_files_are_not_text(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate optimizer", "step as text", "missing keys"])
-def test_a_damaged_training_state_is_named(elastic, texts, tmp_path, damage):
+def test_a_damaged_training_state_is_named(tiny_elastic, tiny_texts, tmp_path, damage):
     out = tmp_path / "run"
-    run(elastic, texts, out, steps=1)
+    run(tiny_elastic, tiny_texts, out, steps=1)
     checkpoint = out / "checkpoint-000001"
     state = json.loads((checkpoint / "trainer.json").read_text())
     if damage == "truncate optimizer":
@@ -328,15 +316,15 @@ def test_a_damaged_training_state_is_named(elastic, texts, tmp_path, damage):
         (checkpoint / "trainer.json").write_text(json.dumps({"step": 1}))
         expected = "trainer.json is incomplete: it has no 'optimizer'"
     with pytest.raises(CheckpointError, match=expected):
-        run(elastic, texts, out, steps=2, resume=True)
+        run(tiny_elastic, tiny_texts, out, steps=2, resume=True)
 
 
-def test_an_optimizer_state_of_the_wrong_shape_is_named(elastic, texts, tmp_path):
+def test_an_optimizer_state_of_the_wrong_shape_is_named(tiny_elastic, tiny_texts, tmp_path):
     """It used to load and fail at the first step with a shape error from AdamW."""
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "run"
-    run(elastic, texts, out, steps=1)
+    run(tiny_elastic, tiny_texts, out, steps=1)
     path = out / "checkpoint-000001" / "optimizer.safetensors"
     tensors = load_file(path)
     name = next(k for k, v in tensors.items() if v.dim() == 2)
@@ -345,7 +333,7 @@ def test_an_optimizer_state_of_the_wrong_shape_is_named(elastic, texts, tmp_path
     with pytest.raises(
         CheckpointError, match=rf"optimizer.safetensors does not fit this run: {name} has shape"
     ):
-        run(elastic, texts, out, steps=2, resume=True)
+        run(tiny_elastic, tiny_texts, out, steps=2, resume=True)
 
 
 @pytest.mark.parametrize(
@@ -361,11 +349,11 @@ def test_an_optimizer_state_of_the_wrong_shape_is_named(elastic, texts, tmp_path
         (lambda r: r.update(routers={"kind": "token", "budgets": [1.0]}), "must have the keys kind, budgets, hidden"),
     ],
 )  # fmt: skip
-def test_metadata_beside_the_config_is_checked(elastic, tmp_path, edit, message):
+def test_metadata_beside_the_config_is_checked(tiny_elastic, tmp_path, edit, message):
     import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(elastic, copy)
+    shutil.copytree(tiny_elastic, copy)
     record = json.loads((copy / "flextron.json").read_text())
     edit(record)
     (copy / "flextron.json").write_text(json.dumps(record))
@@ -373,14 +361,14 @@ def test_metadata_beside_the_config_is_checked(elastic, tmp_path, edit, message)
         load_elastic(copy)
 
 
-def test_weights_of_another_dtype_are_refused(elastic, tmp_path):
+def test_weights_of_another_dtype_are_refused(tiny_elastic, tmp_path):
     """An int64 (or fp16) tensor in model.safetensors used to load into the fp32 model."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     copy = tmp_path / "copy"
-    shutil.copytree(elastic, copy)
+    shutil.copytree(tiny_elastic, copy)
     tensors = load_file(copy / "model.safetensors")
     name = next(iter(tensors))
     tensors[name] = tensors[name].to(torch.int64)

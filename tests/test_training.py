@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 
 from flextron import cli, data, reference
 from flextron.checkpoint import load_elastic
-from flextron.conversion import ConvertOptions, convert
 from flextron.latency import LatencyTable, measure
 from flextron.model import Routing
 from flextron.routers import BudgetEncoding, StaticRouter, TokenRouter, gumbel_choice
@@ -24,30 +23,18 @@ from flextron.training import TrainConfig, Trainer, train
 SMALL = {"batch_size": 4, "seq_len": 32, "train_tokens": 6000, "eval_tokens": 256, "warmup_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def texts():
-    return data.shakespeare("train")[:2], data.shakespeare("eval")[:1]
-
-
-@pytest.fixture(scope="module")
-def elastic(tiny_model_dir, texts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-elastic")
-    options = ConvertOptions(seq_len=32, max_tokens=512, table_tokens=128, progress=False, head_counts=(4, 2))
-    return convert(tiny_model_dir, texts[0], out, options)
-
-
 @pytest.fixture
-def table(tmp_path, elastic):
+def table(tmp_path, tiny_elastic):
     """A synthetic latency table (deterministic, unlike a measured one)."""
-    model, _ = load_elastic(elastic)
+    model, _ = load_elastic(tiny_elastic)
     assert model.config.mlp_widths == (128, 64) and model.config.head_counts == (4, 2)
     table = LatencyTable("cpu", "synthetic", "float32", "prefill", 4, 32, 2, [4.0, 2.0], [2.0, 1.0], 1.0)
     return table.save(tmp_path / "lut.json")
 
 
-def test_elastic_training_lowers_the_loss(elastic, texts, tmp_path):
+def test_elastic_training_lowers_the_loss(tiny_elastic, tiny_texts, tmp_path):
     config = TrainConfig(stage="elastic", steps=40, lr=3e-3, p_full=0.5, loss="ce+kl", **SMALL)
-    result = train(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    result = train(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
     final = result.evaluations[-1]["budgets"]
@@ -58,12 +45,12 @@ def test_elastic_training_lowers_the_loss(elastic, texts, tmp_path):
 
 
 @pytest.mark.parametrize("router", ["static", "token"])
-def test_router_training_meets_latency_targets(elastic, texts, tmp_path, table, router):
+def test_router_training_meets_latency_targets(tiny_elastic, tiny_texts, tmp_path, table, router):
     config = TrainConfig(
         stage="routers", router=router, steps=150, router_lr=0.03, latency_weight=5.0, budgets=(1.0, 0.7, 0.5),
         surrogate_threshold=10.0, temperature_start=1.0, temperature_end=0.3, lut=str(table), **SMALL,
     )  # fmt: skip
-    trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    trainer = Trainer(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     result = trainer.run()
     assert len(result.losses) == 150
     lut = LatencyTable.load(table)
@@ -74,18 +61,18 @@ def test_router_training_meets_latency_targets(elastic, texts, tmp_path, table, 
     assert trainer.surrogate is not None and trainer.surrogate.error is not None
 
 
-def test_surrogate_error_falls(elastic, texts, tmp_path, table):
+def test_surrogate_error_falls(tiny_elastic, tiny_texts, tmp_path, table):
     config = TrainConfig(stage="routers", steps=60, surrogate_threshold=0.0, lut=str(table), **SMALL)
-    trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    trainer = Trainer(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     trainer.run()
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     errors = [row["surrogate_error"] for row in log if "surrogate_error" in row]
     assert sum(errors[-10:]) / 10 < sum(errors[:10]) / 10
 
 
-def test_joint_training_with_token_routers(elastic, texts, tmp_path, table):
+def test_joint_training_with_token_routers(tiny_elastic, tiny_texts, tmp_path, table):
     config = TrainConfig(stage="joint", router="token", steps=6, lut=str(table), **SMALL)
-    trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    trainer = Trainer(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     trainer.run()
     model, router = trainer.model.eval(), trainer.router
     assert (tmp_path / "checkpoint-000006" / "routers.safetensors").is_file()
@@ -109,15 +96,15 @@ def test_joint_training_with_token_routers(elastic, texts, tmp_path, table):
 
 
 @pytest.mark.parametrize("stage", ["elastic", "routers"])
-def test_resume_repeats_an_uninterrupted_run(elastic, texts, tmp_path, table, stage):
+def test_resume_repeats_an_uninterrupted_run(tiny_elastic, tiny_texts, tmp_path, table, stage):
     config = TrainConfig(stage=stage, steps=8, save_every=4, keep_last=3, lut=str(table), **SMALL)
-    whole = train(config, elastic, texts[0], tmp_path / "a", texts[1], progress=False)
+    whole = train(config, tiny_elastic, tiny_texts[0], tmp_path / "a", tiny_texts[1], progress=False)
     # A run killed after its step-4 checkpoint: the same directory with what came later removed.
     cut = tmp_path / "b"
-    train(config, elastic, texts[0], cut, texts[1], progress=False)
+    train(config, tiny_elastic, tiny_texts[0], cut, tiny_texts[1], progress=False)
     shutil.rmtree(cut / "checkpoint-000008")
     (cut / "latest").write_text("checkpoint-000004\n")
-    resumed = train(config, elastic, texts[0], cut, texts[1], resume=True, progress=False)
+    resumed = train(config, tiny_elastic, tiny_texts[0], cut, tiny_texts[1], resume=True, progress=False)
     assert resumed.losses == whole.losses  # bit-exact on the CPU
     a, _ = load_elastic(tmp_path / "a" / "checkpoint-000008")
     b, _ = load_elastic(cut / "checkpoint-000008")
@@ -125,9 +112,9 @@ def test_resume_repeats_an_uninterrupted_run(elastic, texts, tmp_path, table, st
         assert torch.equal(p, q), name
 
 
-def test_a_killed_save_keeps_the_previous_checkpoint(elastic, texts, tmp_path, monkeypatch):
+def test_a_killed_save_keeps_the_previous_checkpoint(tiny_elastic, tiny_texts, tmp_path, monkeypatch):
     config = TrainConfig(stage="elastic", steps=4, save_every=2, **SMALL)
-    trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    trainer = Trainer(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     trainer.run()
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000004"
 
@@ -164,10 +151,10 @@ def _worker(rank: int, world: int, port: int, parallel: str, args: tuple) -> Non
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one(elastic, texts, tmp_path, parallel):
+def test_two_gloo_processes_match_one(tiny_elastic, tiny_texts, tmp_path, parallel):
     single = TrainConfig(stage="elastic", steps=4, p_full=1.0, lr=1e-3, **SMALL)  # global batch 4
-    train(single, elastic, texts[0], tmp_path / "one", texts[1], progress=False)
-    args = (elastic, texts[0], texts[1], tmp_path / "two")
+    train(single, tiny_elastic, tiny_texts[0], tmp_path / "one", tiny_texts[1], progress=False)
+    args = (tiny_elastic, tiny_texts[0], tiny_texts[1], tmp_path / "two")
     mp.start_processes(_worker, args=(2, _free_port(), parallel, args), nprocs=2, start_method="spawn")
     one, _ = load_elastic(tmp_path / "one" / "checkpoint-000004")
     two, _ = load_elastic(tmp_path / "two" / "checkpoint-000004")
@@ -175,8 +162,8 @@ def test_two_gloo_processes_match_one(elastic, texts, tmp_path, parallel):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_latency_table(elastic, tmp_path):
-    model, _ = load_elastic(elastic)
+def test_latency_table(tiny_elastic, tmp_path):
+    model, _ = load_elastic(tiny_elastic)
     for phase in ("prefill", "decode"):
         table = measure(model, batch_size=2, seq_len=16, phase=phase, warmup=1, repeat=3, progress=False)
         assert len(table.mlp_ms) == 2 and len(table.attention_ms) == 2 and table.fixed_ms > 0
@@ -203,8 +190,8 @@ def test_budget_encoding_and_gumbel():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-def test_static_router_inference_is_deterministic(elastic):
-    model, _ = load_elastic(elastic)
+def test_static_router_inference_is_deterministic(tiny_elastic):
+    model, _ = load_elastic(tiny_elastic)
     router = StaticRouter(model.config, (1.0, 0.5))
     a, b = router(0.8), router(0.8)
     assert a.mlp_choice == b.mlp_choice and all(s is None for s in a.mlp_scale)
@@ -243,14 +230,14 @@ def test_config_files(tmp_path):
         TrainConfig.from_file(tmp_path / "broken.toml")
 
 
-def test_cli_train_and_lut(elastic, tmp_path, capsys):
+def test_cli_train_and_lut(tiny_elastic, tmp_path, capsys):
     text = tmp_path / "train.txt"
     text.write_text(data.shakespeare("train")[0].content[:20000])
     code = cli.main(
         [
             "lut",
             "--checkpoint",
-            str(elastic),
+            str(tiny_elastic),
             "--out",
             str(tmp_path / "lut.json"),
             "--seq-len",
@@ -262,7 +249,7 @@ def test_cli_train_and_lut(elastic, tmp_path, capsys):
     (tmp_path / "run.toml").write_text(
         "batch_size = 2\nseq_len = 32\ntrain_tokens = 4000\neval_tokens = 128\nwarmup_steps = 1\n"
     )
-    argv = ["train", "--stage", "joint", "--checkpoint", str(elastic), "--data", str(text), "--eval-data", str(text),
+    argv = ["train", "--stage", "joint", "--checkpoint", str(tiny_elastic), "--data", str(text), "--eval-data", str(text),
             "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml"), "--steps", "3",
             "--lut", str(tmp_path / "lut.json"), "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
@@ -274,16 +261,26 @@ def test_cli_train_and_lut(elastic, tmp_path, capsys):
     assert cli.main([*argv[:-1], "--resume", "--steps", "4", "--quiet"]) == 0
     assert json.loads((tmp_path / "run" / "checkpoint-000004" / "trainer.json").read_text())["step"] == 4
     code = cli.main(
-        ["train", "--checkpoint", str(elastic), "--data", "/nonexistent.txt", "--out", str(tmp_path / "x")]
+        [
+            "train",
+            "--checkpoint",
+            str(tiny_elastic),
+            "--data",
+            "/nonexistent.txt",
+            "--out",
+            str(tmp_path / "x"),
+        ]
     )
     assert code == 2 and "does not exist" in capsys.readouterr().err
-    code = cli.main(["train", "--checkpoint", str(elastic), "--out", str(tmp_path / "empty"), "--resume"])
+    code = cli.main(
+        ["train", "--checkpoint", str(tiny_elastic), "--out", str(tmp_path / "empty"), "--resume"]
+    )
     assert code == 2 and "holds no checkpoint to resume from" in capsys.readouterr().err
 
 
-def test_joint_training_lowers_the_lm_loss(elastic, texts, tmp_path, table):
+def test_joint_training_lowers_the_lm_loss(tiny_elastic, tiny_texts, tmp_path, table):
     config = TrainConfig(stage="joint", steps=30, lr=3e-3, latency_weight=0.1, lut=str(table), **SMALL)
-    train(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    train(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     losses = [row["lm_loss"] for row in log if "lm_loss" in row]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
@@ -303,9 +300,9 @@ def test_uniform_start_picks_the_best_fitting_uniform_subnetwork():
 
 
 @pytest.mark.parametrize("router", ["static", "token"])
-def test_routers_start_from_the_uniform_table(elastic, texts, tmp_path, table, router):
+def test_routers_start_from_the_uniform_table(tiny_elastic, tiny_texts, tmp_path, table, router):
     config = TrainConfig(stage="routers", router=router, steps=1, lut=str(table), budgets=(1.0, 0.6), **SMALL)
-    trainer = Trainer(config, elastic, texts[0], tmp_path, texts[1], progress=False)
+    trainer = Trainer(config, tiny_elastic, tiny_texts[0], tmp_path, tiny_texts[1], progress=False)
     from flextron.budgets import UniformLoss
     from flextron.training import uniform_start
 
@@ -322,10 +319,10 @@ def test_routers_start_from_the_uniform_table(elastic, texts, tmp_path, table, r
         assert output.mlp_choice == [uniform_start(lut, 1.0, losses)[0]] * 2
 
 
-def test_routers_saved_without_a_prior_still_load(elastic):
+def test_routers_saved_without_a_prior_still_load(tiny_elastic):
     from flextron.routers import load_router_state
 
-    model, _ = load_elastic(elastic)
+    model, _ = load_elastic(tiny_elastic)
     router = StaticRouter(model.config, (1.0, 0.5))
     state = {k: v for k, v in router.state_dict().items() if k != "prior"}
     fresh = StaticRouter(model.config, (1.0, 0.5))
