@@ -181,9 +181,12 @@ def test_bench_suites_are_named_like_their_modules_and_old_names_warn():
 
     for suite in benchmarks.SUITES:
         assert hasattr(benchmarks, suite), suite  # flextron.benchmarks.<suite> is its module
-    with pytest.warns(DeprecationWarning, match="'kernels' is deprecated: use nested_linear, elastic_mlp"):
+    with pytest.warns(FutureWarning, match="'kernels' is deprecated: use nested_linear, elastic_mlp"):
         named = resolve_suites(["elastic_model", "kernels"])
     assert named == ("nested_linear", "elastic_mlp", "elastic_model")  # run order, no repeats
+    with pytest.warns(FutureWarning, match="BudgetRouting is deprecated: use ServedBudget"):
+        from flextron.budgets import BudgetRouting
+    assert BudgetRouting is flextron.ServedBudget
     with pytest.raises(ValueError, match="benchmark suites are"):
         resolve_suites([])
 

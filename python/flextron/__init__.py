@@ -34,7 +34,7 @@ from flextron.rope import RopeScaling, RotaryEmbedding
 
 if TYPE_CHECKING:
     from flextron.api import bench, convert, demo, evaluate, export, generate, lut, train
-    from flextron.budgets import BudgetResolver, BudgetRouting
+    from flextron.budgets import BudgetResolver, ServedBudget
     from flextron.checkpoint import load_elastic, save_elastic
     from flextron.training import TrainConfig
 
@@ -45,7 +45,8 @@ _LAZY = {
         ("bench", "convert", "demo", "evaluate", "export", "generate", "lut", "train"), "flextron.api"
     ),
     "BudgetResolver": "flextron.budgets",
-    "BudgetRouting": "flextron.budgets",
+    "ServedBudget": "flextron.budgets",
+    "BudgetRouting": "flextron.budgets",  # deprecated: ServedBudget
     "load_elastic": "flextron.checkpoint",
     "save_elastic": "flextron.checkpoint",
     "TrainConfig": "flextron.training",
@@ -71,7 +72,6 @@ __all__ = [
     "WITH_CUDA",
     "WITH_SM90",
     "BudgetResolver",
-    "BudgetRouting",
     "ElasticAttention",
     "ElasticConfig",
     "ElasticLM",
@@ -81,6 +81,7 @@ __all__ = [
     "RotaryEmbedding",
     "RoutePlan",
     "Routing",
+    "ServedBudget",
     "TrainConfig",
     "bench",
     "convert",

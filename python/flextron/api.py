@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from flextron import data as _data
-from flextron.budgets import BudgetResolver, BudgetRouting, RoutingMethod
+from flextron.budgets import BudgetResolver, RoutingMethod, ServedBudget
 from flextron.outputs import check_files_free, check_free, check_not_source
 from flextron.runtime import DtypeName, resolve_device, resolve_dtype
 
@@ -275,7 +275,7 @@ def export(
 @dataclass
 class Generation:
     text: str  # the prompt and its continuation
-    served: BudgetRouting
+    served: ServedBudget
     widths: tuple[str, str]  # MLP widths and head counts, summarized per layer
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,8 @@ def stored_losses(record: dict[str, Any]) -> list[UniformLoss]:
 
 
 @dataclass
-class BudgetRouting:
-    """How one budget is served. ``mlp_choices``/``attention_choices`` are per layer for
+class ServedBudget:
+    """How one budget is served: the routing picked for it and by what. ``mlp_choices``/``attention_choices`` are per layer for
     static routings and None for a token router (each token decides while the model runs)."""
 
     budget: float
@@ -207,7 +208,7 @@ class BudgetResolver:
             return "uniform"
         return "token router" if isinstance(self.router, TokenRouter) else "static router"
 
-    def __call__(self, budget: float) -> BudgetRouting:
+    def __call__(self, budget: float) -> ServedBudget:
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         layers = self.config.num_layers
@@ -215,10 +216,17 @@ class BudgetResolver:
             with torch.no_grad():
                 output = self.router(budget)
             mlp, attention = tuple(output.mlp_choice), tuple(output.attention_choice)
-            return BudgetRouting(budget, self.method, Routing(list(mlp), list(attention)), mlp, attention)
+            return ServedBudget(budget, self.method, Routing(list(mlp), list(attention)), mlp, attention)
         if isinstance(self.router, TokenRouter):
             self.router.encode(budget)  # a budget outside the trained range: a clear error now
-            return BudgetRouting(budget, self.method, self.router.route(budget), None, None)
+            return ServedBudget(budget, self.method, self.router.route(budget), None, None)
         choice = choices_for_budget(self.config, budget, self.losses)
         mlp, attention = (choice.mlp,) * layers, (choice.attention,) * layers
-        return BudgetRouting(budget, self.method, Routing(list(mlp), list(attention)), mlp, attention)
+        return ServedBudget(budget, self.method, Routing(list(mlp), list(attention)), mlp, attention)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BudgetRouting":  # the name before 0.2
+        warnings.warn("BudgetRouting is deprecated: use ServedBudget", FutureWarning, stacklevel=2)
+        return ServedBudget
+    raise AttributeError(f"module 'flextron.budgets' has no attribute {name!r}")

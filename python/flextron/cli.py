@@ -241,9 +241,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from flextron.benchmarks import SUITES
+    from flextron.benchmarks import DEPRECATED_SUITES, SUITES
 
-    suites = SUITES if args.suite == ["all"] else args.suite
+    suites: list[str] = []
+    for suite in SUITES if args.suite == ["all"] else args.suite:
+        if suite in DEPRECATED_SUITES:
+            new = ",".join(DEPRECATED_SUITES[suite])
+            print(f"flextron bench: --suite {suite} is deprecated, use --suite {new}", file=sys.stderr)
+        suites += DEPRECATED_SUITES.get(suite, (suite,))
     report = api.bench(
         suites,
         device=args.device,

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from flextron.budgets import BudgetResolver, BudgetRouting
+from flextron.budgets import BudgetResolver, ServedBudget
 from flextron.data import Text, token_windows
 from flextron.latency import LatencyTable
 from flextron.model import DynamicRouting, ElasticLM, Routing
@@ -64,7 +64,7 @@ def evaluate_budgets(
     tokenizer,
     texts: Sequence[Text],
     budgets: Sequence[float],
-    resolve: Callable[[float], BudgetRouting],
+    resolve: Callable[[float], ServedBudget],
     seq_len: int = 256,
     max_tokens: int = 16384,
     batch_size: int = 8,

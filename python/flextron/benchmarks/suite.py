@@ -42,7 +42,7 @@ def resolve_suites(suites: Sequence[str]) -> tuple[str, ...]:
             replacement = DEPRECATED_SUITES[suite]
             warnings.warn(
                 f"benchmark suite {suite!r} is deprecated: use {', '.join(replacement)}",
-                DeprecationWarning,
+                FutureWarning,
                 stacklevel=3,
             )
             named += replacement
