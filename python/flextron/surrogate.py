@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flextron.checkpoint import load_optimizer, optimizer_tensors
+from flextron.model import ElasticConfig
 
 
 class Surrogate(nn.Module):
@@ -48,6 +49,15 @@ class SurrogateTrainer:
         self.batch_size = batch_size
         self.error_decay = error_decay
         self.error: float | None = None  # running relative error on unseen samples
+
+    @classmethod
+    def for_model(cls, config: ElasticConfig, seed: int) -> SurrogateTrainer:
+        """A fresh surrogate (initialized from ``seed`` alone) for ``config``'s routers: one
+        feature per layer and width choice of each kind."""
+        features = config.num_layers * (len(config.mlp_widths) + len(config.head_counts))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(Surrogate(features))
 
     def observe(self, features: Tensor, loss: float, generator: torch.Generator | None = None) -> float:
         """Add one (features, measured loss) pair and fit; returns the mean fit loss."""

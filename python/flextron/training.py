@@ -69,7 +69,7 @@ from flextron.run_directory import (
 )
 from flextron.runtime import DTYPE_NAMES, DtypeName, resolve_device, resolve_dtype
 from flextron.stages import Batch, ElasticStage, JointStage, RouterStage, temperature
-from flextron.surrogate import Surrogate, SurrogateTrainer
+from flextron.surrogate import SurrogateTrainer
 
 Stage = Literal["elastic", "routers", "joint"]
 # Settings a resumed run may change; any other difference would not resume "exactly".
@@ -410,13 +410,7 @@ class Trainer:
             starts = [uniform_start(self.table, budget, losses) for budget in self.router.encode.budgets]
             self.router.warm_start(starts, self.config.router_prior)
         if self.config.stage == "routers":
-            model_config = self.model.config
-            features = model_config.num_layers * (
-                len(model_config.mlp_widths) + len(model_config.head_counts)
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed + 1)
-                self.surrogate = SurrogateTrainer(Surrogate(features))
+            self.surrogate = SurrogateTrainer.for_model(self.model.config, self.config.seed + 1)
 
     def _build_stage(self) -> ElasticStage | RouterStage | JointStage:
         config, autocast = self.config, self._autocast

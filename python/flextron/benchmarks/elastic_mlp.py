@@ -27,12 +27,23 @@ from flextron.benchmarks.common import (
     time_modes,
 )
 from flextron.conversion import default_mlp_widths
-from flextron.timing import stats_columns
+from flextron.timing import Stats, stats_columns
 
 
 def routing_only(x: torch.Tensor, choice: torch.Tensor, widths: list[int]) -> torch.Tensor:
     plan = flextron.route_plan(choice, widths)
     return flextron.unpermute(flextron.permute(x, plan), plan)
+
+
+def forward_ratios(stats: dict[str, Stats], useful_flops: float, ideal: float) -> dict[str, float]:
+    ours_ms, dense_ms, loop_ms = (stats[k].median for k in ("ours", "dense", "loop"))
+    return {
+        "ours_tflops": useful_flops / ours_ms / 1e9,
+        "fraction_of_dense": ours_ms / dense_ms,
+        "vs_ideal": ours_ms / (ideal * dense_ms),
+        "speedup_vs_loop": loop_ms / ours_ms,
+        "routing_share": stats["routing"].median / ours_ms,
+    }
 
 
 def bench_case(
@@ -69,20 +80,12 @@ def bench_case(
         repeat,
         modes,
     )
-    if "forward" in modes:
-        stats |= time_all({"routing": lambda: routing_only(x, choice, widths)}, device, repeat)
-    counts = torch.bincount(choice, minlength=len(widths)).tolist()
-    useful = 3 * 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
     forward = {}
     if "forward" in modes:
-        ours_ms, dense_ms, loop_ms = (stats[k].median for k in ("ours", "dense", "loop"))
-        forward = {
-            "ours_tflops": useful / ours_ms / 1e9,
-            "fraction_of_dense": ours_ms / dense_ms,
-            "vs_ideal": ours_ms / (ratio * dense_ms),
-            "speedup_vs_loop": loop_ms / ours_ms,
-            "routing_share": stats["routing"].median / ours_ms,
-        }
+        stats |= time_all({"routing": lambda: routing_only(x, choice, widths)}, device, repeat)
+        counts = torch.bincount(choice, minlength=len(widths)).tolist()
+        useful = 3 * 2 * hidden * sum(c * w for c, w in zip(counts, widths, strict=True))
+        forward = forward_ratios(stats, useful, ratio)
     results.add(
         shape=name,
         H=hidden,
