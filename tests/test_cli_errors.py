@@ -4,6 +4,7 @@ values checked) has its own test in test_outputs.py; this file checks what the u
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flextron import cli, data
+from flextron import api, cli, data
 from flextron.checkpoint import latest_checkpoint, load_elastic
 from flextron.outputs import DirectoryLock
 
@@ -332,6 +333,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_output(work, tmp_path, co
     ],
 )
 def test_ctrl_c_is_one_line_and_a_bug_asks_to_be_reported(monkeypatch, capsys, raised, code, expected):
+    @functools.wraps(api.evaluate)  # the parser reads its defaults from the API's signature
     def evaluate(*args, **kwargs):
         raise raised
 
