@@ -3,6 +3,8 @@ reference.py."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -400,3 +402,24 @@ def test_a_widths_mistake_raises_the_same_error_as_a_list_or_a_tensor(as_tensor)
         flextron.nested_linear_n(x, w, offsets, widths)
     with pytest.raises(TypeError, match="offsets must be Int"):
         flextron.nested_linear_n(x, w, offsets.long(), [16, 8])
+
+
+def test_every_pattern_of_empty_groups_matches_the_reference(device):
+    """The CPU kernels merge the staircase bands of neighbouring groups when the groups
+    between them are empty; every pattern of empty groups over four widths, in float64."""
+    torch.manual_seed(0)
+    widths = [16, 12, 8, 4]
+    w_n = torch.randn(16, 10, dtype=torch.float64, device=device)
+    w_k = torch.randn(7, 16, dtype=torch.float64, device=device)
+    for counts in itertools.product((0, 3), repeat=4):
+        offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=device)
+        x = torch.randn(sum(counts), 10, dtype=torch.float64, device=device)
+        h = torch.randn(sum(counts), 16, dtype=torch.float64, device=device)
+        torch.testing.assert_close(
+            flextron.nested_linear_n(x, w_n, offsets, widths),
+            reference.nested_linear_n(x, w_n, offsets, widths),
+        )
+        torch.testing.assert_close(
+            flextron.nested_linear_k(h, w_k, offsets, widths),
+            reference.nested_linear_k(h, w_k, offsets, widths),
+        )
