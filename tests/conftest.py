@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import pytest
@@ -47,6 +48,18 @@ def require_embedded() -> None:
         if IN_CI:
             raise
         pytest.skip(str(e))
+
+
+@pytest.fixture(params=["masked", "routed"])
+def token_path(request, monkeypatch) -> str:
+    """Per-token layers forced down one path: ``masked`` (every token at full width, what it
+    does not use zeroed) or ``routed`` (the nested kernels), whatever the token count."""
+    from flextron.layers import ElasticAttention, ElasticMLP
+
+    limit = 0 if request.param == "routed" else sys.maxsize
+    for layer in (ElasticMLP, ElasticAttention):
+        monkeypatch.setattr(layer, "routed_min_tokens", limit)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,7 @@ def left_padding(batch: int, steps: int, device: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kv_heads", [KV_HEADS, 2, HEADS])
-def test_token_routing_matches_reference(device, padded, kv_heads):
+def test_token_routing_matches_reference(device, padded, kv_heads, token_path):
     att = make(device, kv_heads=kv_heads)
     groups = len(att.head_counts)
     x = torch.randn(3, 13, HIDDEN, dtype=torch.float64, device=device)
@@ -93,7 +93,7 @@ def test_per_sequence_routing_matches_reference_and_static(device, padded):
         torch.testing.assert_close(out[b][keep], alone[0][keep])
 
 
-def test_unused_heads_contribute_nothing(device):
+def test_unused_heads_contribute_nothing(device, token_path):
     att = make(device)
     x = torch.randn(2, 6, HIDDEN, dtype=torch.float64, device=device)
     choice = torch.full((2, 6), 2, device=device)  # 4 of 8 heads
@@ -106,7 +106,7 @@ def test_unused_heads_contribute_nothing(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_token_routing(device, dtype):
+def test_low_precision_token_routing(device, dtype, token_path):
     att = make(device, dtype=torch.float64)
     x = torch.randn(2, 24, HIDDEN, dtype=torch.float64, device=device)
     choice = torch.randint(0, len(CHOICES), (2, 24), device=device)
@@ -116,14 +116,14 @@ def test_low_precision_token_routing(device, dtype):
     assert_close_to_reference(low(x.to(dtype), choice), ref_low, exact, factor=4.0)
 
 
-def test_one_token_and_one_sequence(device):
+def test_one_token_and_one_sequence(device, token_path):
     att = make(device)
     x = torch.randn(1, 1, HIDDEN, dtype=torch.float64, device=device)
     for choice in (torch.tensor([[1]], device=device), torch.tensor([1], device=device), 1):
         torch.testing.assert_close(att(x, choice), run_reference(att, x, torch.tensor([[1]], device=device)))
 
 
-def test_non_contiguous_input(device):
+def test_non_contiguous_input(device, token_path):
     att = make(device)
     x = torch.randn(13, 3, HIDDEN, dtype=torch.float64, device=device).transpose(0, 1)
     choice = torch.randint(0, len(CHOICES), (13, 3), device=device).T
@@ -136,7 +136,7 @@ def test_non_contiguous_input(device):
 
 
 @pytest.mark.parametrize("mode", ["static", "sequence", "token"])
-def test_cached_decode_equals_full_recompute(device, mode):
+def test_cached_decode_equals_full_recompute(device, mode, token_path):
     att = make(device)
     batch, steps, prefill = 3, 12, 7
     x = torch.randn(batch, steps, HIDDEN, dtype=torch.float64, device=device)
@@ -189,7 +189,7 @@ def test_cache_reset_and_overflow():
 # Gradients
 
 
-def test_gradcheck_token_routing():
+def test_gradcheck_token_routing(token_path):
     torch.manual_seed(0)
     att = ElasticAttention(16, 4, [4, 2], num_kv_heads=2, head_dim=4, qkv_bias=True, dtype=torch.float64)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -207,7 +207,7 @@ def test_gradcheck_token_routing():
 
 
 @pytest.mark.parametrize("mode", ["sequence", "token"])
-def test_gradients_match_reference(device, mode):
+def test_gradients_match_reference(device, mode, token_path):
     att = make(device)
     x = torch.randn(3, 10, HIDDEN, dtype=torch.float64, device=device, requires_grad=True)
     seq_choice = torch.tensor([1, 3, 0], device=device)

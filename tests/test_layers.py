@@ -25,7 +25,7 @@ def reference_weights(mlp: ElasticMLP) -> dict:
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
-def test_token_routing_matches_reference(device, activation):
+def test_token_routing_matches_reference(device, activation, token_path):
     mlp = make(activation, device)
     x = torch.randn(3, 7, 32, dtype=torch.float64, device=device)
     choice = torch.randint(0, 3, (3, 7), device=device)
@@ -41,7 +41,7 @@ def test_token_routing_matches_reference(device, activation):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_static_and_per_sequence_equal_token_routing(device, activation):
+def test_static_and_per_sequence_equal_token_routing(device, activation, token_path):
     mlp = make(activation, device)
     x = torch.randn(4, 5, 32, dtype=torch.float64, device=device)
     for g in range(3):
@@ -54,7 +54,7 @@ def test_static_and_per_sequence_equal_token_routing(device, activation):
         torch.testing.assert_close(out[b], mlp(x[b : b + 1], int(per_sequence[b]))[0])
 
 
-def test_full_width_is_the_dense_mlp(device):
+def test_full_width_is_the_dense_mlp(device, token_path):
     mlp = make("swiglu", device)
     x = torch.randn(6, 32, dtype=torch.float64, device=device)
     dense = mlp.down(torch.nn.functional.silu(mlp.gate(x)) * mlp.up(x))
@@ -62,7 +62,7 @@ def test_full_width_is_the_dense_mlp(device):
     torch.testing.assert_close(mlp(x, torch.zeros(6, dtype=torch.long, device=device)), dense)
 
 
-def test_gradients_flow_to_parameters_and_scale():
+def test_gradients_flow_to_parameters_and_scale(token_path):
     mlp = make("swiglu", "cpu")
     x = torch.randn(10, 32, dtype=torch.float64)
     scale = torch.rand(10, dtype=torch.float64, requires_grad=True)

@@ -34,6 +34,33 @@ from flextron.rope import RopeScaling, RotaryEmbedding, apply_rotary
 # A call's position_ids [B, S] and precomputed (cos, sin); either may be None.
 Positions = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
 
+# Per-token routing pays only where the routed kernels beat computing every token at full
+# width and masking what it does not use: the token count from which each layer kind takes
+# the routed path, per device type. Measured on the CPU (SmolLM2-135M layer shapes, fp32, 2
+# threads; docs/kernels.md, "Token routing"): the routed MLP is 0.94x full width at 4 tokens,
+# 0.77x at 256, 0.60x at 1024, the masked one about 1.0x; routed attention with SDPA is
+# 1.10-1.54x full width at every token count (its core attention runs every head band over
+# all queries, and the routing costs more than the query/output projections it saves), the
+# masked one 0.96-1.07x. On CUDA the nested GEMMs switch to a dense masked GEMM for small
+# token counts themselves (dense_rows_limit); attention follows the CPU's rule until the GPU
+# check measures it.
+NEVER = 2**62
+ROUTED_MIN_TOKENS: dict[str, dict[str, int]] = {
+    "mlp": {"cpu": 4, "cuda": 0},
+    "attention": {"cpu": NEVER, "cuda": NEVER},
+}
+
+
+def look_up(values: Tensor, choice: Tensor) -> Tensor:
+    """``values[choice]``. On the CPU a choice out of range is the ValueError route_plan
+    raises; on a GPU (and in compiled code) the indexing's own check (a host check would
+    sync or break the graph)."""
+    if choice.device.type == "cpu" and choice.numel() and not torch.compiler.is_compiling():
+        low, high = int(choice.min()), int(choice.max())
+        if low < 0 or high >= len(values):
+            raise ValueError(f"choice values must be in [0, {len(values)}), got {low if low < 0 else high}")
+    return values[choice]
+
 
 class ElasticMLP(nn.Module):
     """A nested MLP: width choice ``g`` uses the first ``widths[g]`` hidden neurons.
@@ -45,8 +72,15 @@ class ElasticMLP(nn.Module):
 
     - ``int``: one width for every token (static): dense matmuls on weight slices;
     - tensor ``[B]`` for input ``[B, S, H]``: one width per sequence;
-    - tensor with one entry per token: each token its own width (token routing).
+    - tensor with one entry per token: each token its own width (token routing). Below
+      ``routed_min_tokens`` tokens (the default: :data:`ROUTED_MIN_TOKENS` for the device)
+      every token runs at full width with the hidden units past its width zeroed (three
+      dense GEMMs, no permutation); from there on the routed nested GEMMs.
     """
+
+    # Token count from which a per-token call takes the routed path; None: the device's
+    # default in ROUTED_MIN_TOKENS. 0 always routes; a huge number always masks.
+    routed_min_tokens: int | None = None
 
     def __init__(
         self,
@@ -78,6 +112,11 @@ class ElasticMLP(nn.Module):
         self.down = nn.Linear(intermediate_size, hidden_size, bias=use_bias, **factory)
         # Sees the hidden activation [tokens, width] of static calls (importance scoring hooks here).
         self.hidden_probe = nn.Identity()
+        self.register_buffer("width_lookup", torch.tensor(self.widths, device=device), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Rebuild the unsaved buffer (after loading into a model built on the meta device)."""
+        self.width_lookup = torch.tensor(self.widths)
 
     @property
     def hidden_size(self) -> int:
@@ -96,6 +135,10 @@ class ElasticMLP(nn.Module):
             raise ValueError(
                 f"choice must be an int, one entry per sequence or one per token ({tokens}), got shape {tuple(choice.shape)}"
             )
+        if tokens == 1 and x.device.type == "cpu":  # one token is a static call (no device sync)
+            return self._forward_static(x, int(choice.reshape(())), scale)
+        if not self._routes(tokens, x.device):
+            return self._forward_token_masked(x, choice, scale)
         return elastic_mlp(
             x,
             choice.reshape(-1),
@@ -109,7 +152,9 @@ class ElasticMLP(nn.Module):
             scale=scale.reshape(-1) if scale is not None else None,
         )
 
-    def _forward_static(self, x: Tensor, choice: int, scale: Tensor | None) -> Tensor:
+    def _forward_static(
+        self, x: Tensor, choice: int, scale: Tensor | None, hidden_mask: Tensor | None = None
+    ) -> Tensor:
         if not 0 <= choice < len(self.widths):
             raise ValueError(f"choice must be in [0, {len(self.widths)}), got {choice}")
         d = self.widths[choice]
@@ -120,11 +165,30 @@ class ElasticMLP(nn.Module):
         # Built with fills, not torch.tensor([...]): no host-to-device copy on the forward path.
         offsets = torch.full((2,), tokens.shape[0], dtype=torch.int32, device=x.device)
         offsets[0] = 0
-        h = self.hidden_probe(nested_activation(h, offsets, [d], self.activation, gate))
+        h = nested_activation(h, offsets, [d], self.activation, gate)
+        h = h * hidden_mask.to(h.dtype) if hidden_mask is not None else self.hidden_probe(h)
         y = nn.functional.linear(h, self.down.weight[:, :d], self.down.bias)
         if scale is not None:
             y = y * scale.reshape(-1, 1)
         return y.reshape(x.shape)
+
+    def _forward_token_masked(self, x: Tensor, choice: Tensor, scale: Tensor | None) -> Tensor:
+        """Every token at full width, its hidden units past its own width zeroed."""
+        y = self._forward_static(x, 0, None, hidden_mask=self._hidden_mask(choice))
+        if scale is not None:
+            y = y * scale.reshape(*y.shape[:-1], 1)
+        return y
+
+    def _hidden_mask(self, choice: Tensor) -> Tensor:
+        units = torch.arange(self.widths[0], device=choice.device)
+        return units < look_up(self.width_lookup, choice.reshape(-1))[:, None]  # [tokens, widths[0]]
+
+    def _routes(self, tokens: int, device: torch.device) -> bool:
+        """Whether a per-token call over ``tokens`` tokens takes the routed path."""
+        limit = self.routed_min_tokens
+        if limit is None:
+            limit = ROUTED_MIN_TOKENS["mlp"].get(device.type, 0)
+        return tokens >= limit
 
     def extra_repr(self) -> str:
         return f"widths={list(self.widths)}, activation={self.activation!r}"
@@ -156,12 +220,18 @@ class ElasticAttention(nn.Module):
     - tensor ``[B]``: one head count per sequence. Each head band attends only for the
       sequences that use it. The choices are read on the host (one sync if they live on
       the GPU; pass a CPU tensor to avoid it);
-    - tensor ``[B, S]``: one head count per token. The projections are token-routed
-      nested GEMMs. The core attention depends on ``attention_backend``: ``"sdpa"`` runs
-      each head band over all queries (the cost of full-width attention; each token's
-      output then reads only its own heads); ``"flex"`` runs one compiled FlexAttention
-      call whose block mask skips the heads a query does not use.
+    - tensor ``[B, S]``: one head count per token. With ``attention_backend="sdpa"``:
+      below ``routed_min_tokens`` tokens (the default: :data:`ROUTED_MIN_TOKENS` for the
+      device) every head is computed and each token's outputs past its head count are zeroed
+      before ``o_proj`` (the cost of full width, nothing more); from there on the
+      projections are token-routed nested GEMMs around core attention per head band over
+      all queries. ``"flex"``: routed projections and one compiled FlexAttention call whose
+      block mask skips the heads a query does not use.
     """
+
+    # Token count from which a per-token call takes the routed path; None: the device's
+    # default in ROUTED_MIN_TOKENS. 0 always routes; a huge number always masks.
+    routed_min_tokens: int | None = None
 
     def __init__(
         self,
@@ -274,8 +344,12 @@ class ElasticAttention(nn.Module):
         valid = valid_mask(attention_mask, batch, steps, x.device)
         positions = (position_ids, position_embeddings)
         mode = self._routing_mode(choice, batch, steps)
+        if mode == "token" and batch * steps == 1 and x.device.type == "cpu":
+            choice, mode = int(choice.reshape(())), "static"  # one token (no device sync on the CPU)
         if mode == "static":
             return self._forward_static(x, self._static_heads(choice), valid, cache, positions)
+        if mode == "token" and self.attention_backend == "sdpa" and not self._routes(x):
+            return self._forward_token_masked(x, choice, valid, cache, positions)
         return self._forward_routed(x, choice, mode, valid, cache, positions)
 
     def _forward_static(
@@ -330,6 +404,27 @@ class ElasticAttention(nn.Module):
         if self.o_proj.bias is not None:
             y = y + self.o_proj.bias
         return unpermute(y, plan).reshape(batch, steps, -1)
+
+    def _forward_token_masked(
+        self, x: Tensor, choice: Tensor, valid: Tensor | None, cache: KVCache | None, positions: Positions
+    ) -> Tensor:
+        """A head count per token at full width: every head attends, and each token's outputs
+        past its head count are zeroed before ``o_proj`` (no permutation, one SDPA call)."""
+        batch, steps, _ = x.shape
+        q, k, v, key_valid = self._attention_inputs(self.qkv_proj(x), self.num_heads, valid, cache, positions)
+        mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
+        out = banded_attention(q, k, v, [self.num_heads], mask, is_causal).transpose(1, 2)
+        heads = torch.arange(self.num_heads, device=x.device)
+        kept = heads < look_up(self.head_count_lookup, choice)[..., None]  # [B, S, heads]
+        out = out * kept[..., None].to(out.dtype)
+        return self.o_proj(out.reshape(batch, steps, self.num_heads * self.head_dim))
+
+    def _routes(self, x: Tensor) -> bool:
+        """Whether a per-token call over ``x`` takes the routed path (see routed_min_tokens)."""
+        limit = self.routed_min_tokens
+        if limit is None:
+            limit = ROUTED_MIN_TOKENS["attention"].get(x.device.type, 0)
+        return x.shape[0] * x.shape[1] >= limit
 
     def _attention_inputs(
         self, qkv: Tensor, heads: int, valid: Tensor | None, cache: KVCache | None, positions: Positions
