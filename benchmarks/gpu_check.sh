@@ -8,7 +8,7 @@
 #   4 profile   benchmarks/gpu_profile.py: which kernels one elastic MLP step runs
 #   5 bench     benchmarks/gpu_bench.py: nested GEMMs and elastic MLP vs cuBLAS / loops
 #   6 sanitizer benchmarks/gpu_sanitizer.py: compute-sanitizer memcheck + bad offsets
-#   7 suites    `flextron bench --suite nested_linear|elastic_mlp|elastic_attention|elastic_model`
+#   7 suites    `flextron bench --suite nested_linear|elastic_mlp|elastic_attention|elastic_model|token_routing`
 # and leaves EXACTLY these 8 files in $OUT (or ./gpu-results; anything else there is removed):
 #   summary.txt build.log tests.log correctness.json bench.json profile.txt sanitizer.log
 #   results.tgz (everything else: full logs, the suites' JSON and plots, cuobjdump output).
@@ -422,7 +422,7 @@ if ! gpu_stage_blocked sanitizer sanitizer.log && stage_begin sanitizer "$saniti
 fi
 
 # ---- 7 the `flextron bench` suites, while time remains (their JSON/PNGs go in results.tgz) --
-for suite_cap in nested_linear:75 elastic_mlp:75 elastic_attention:90 elastic_model:45; do
+for suite_cap in nested_linear:75 elastic_mlp:75 elastic_attention:90 elastic_model:45 token_routing:60; do
   suite=${suite_cap%%:*}
   if ((dry_run)); then
     record "suite-$suite" skipped 0 - "dry run"

@@ -14,6 +14,7 @@ import torch
 
 import flextron
 from flextron import api, cli, data
+from flextron.benchmarks.breakdown import KINDS
 from flextron.budgets import BudgetResolver
 from flextron.checkpoint import load_elastic
 from flextron.evaluation import mean_loss
@@ -197,7 +198,7 @@ def test_bench_quick_writes_results_and_summary(tmp_path, capsys):
     )
     out, err = capsys.readouterr()
     assert code == 0, err
-    for name in ("nested_linear", "elastic_mlp", "elastic_attention", "elastic_model"):
+    for name in flextron.benchmarks.SUITES:
         rows = json.loads((tmp_path / f"{name}-cpu.json").read_text())["rows"]
         assert rows, name
         for row in rows:
@@ -205,11 +206,17 @@ def test_bench_quick_writes_results_and_summary(tmp_path, capsys):
             assert ratio > 0 and row["ours_ms"] > 0
         assert (tmp_path / f"{name}-cpu.png").stat().st_size > 0
         trained = [r for r in rows if r.get("ours_full_ms", 0) > 0 and "ours_backward_ms" not in r]
-        assert trained or name == "nested_linear", name  # single kernels have no modes
+        assert trained or name in ("nested_linear", "token_routing"), name  # forward only
     model_rows = json.loads((tmp_path / "elastic_model-cpu.json").read_text())["rows"]
     assert model_rows[0]["fraction_of_full"] == 1.0  # the first case is the full width itself
     assert all(0 < r["ideal_fraction"] <= 1 for r in model_rows)
     assert "| elastic_model | 3 |" in out and "time / ideal" in out
+    token_rows = json.loads((tmp_path / "token_routing-cpu.json").read_text())["rows"]
+    for row in token_rows:  # the breakdown accounts for the measured time, kind by kind
+        kinds = [row[f"per_layer_{k}_ms"] * row["layers"] for k in KINDS if k not in ("lm_head", "other")]
+        assert sum(kinds) + row["lm_head_ms"] + row["other_ms"] == pytest.approx(row["ours_ms"], rel=1e-6)
+    per_token = [r for r in token_rows if r["case"] == "per-token MLP" and r["phase"] == "prefill"]
+    assert per_token and per_token[0]["per_layer_nested_gemm_ms"] > 0  # 16 tokens: the routed MLP
 
 
 def test_api_text_sources(text_file):

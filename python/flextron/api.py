@@ -316,7 +316,13 @@ def generate(
 
 
 def bench(
-    suites: Sequence[str] = ("nested_linear", "elastic_mlp", "elastic_attention", "elastic_model"),
+    suites: Sequence[str] = (
+        "nested_linear",
+        "elastic_mlp",
+        "elastic_attention",
+        "elastic_model",
+        "token_routing",
+    ),
     *,
     device: str | None = None,
     dtype: DtypeName = "auto",
@@ -327,7 +333,7 @@ def bench(
     overwrite: bool = False,
 ):
     """Run benchmark suites (``"nested_linear"``, ``"elastic_mlp"``, ``"elastic_attention"``,
-    ``"elastic_model"``; each writes ``<suite>-<device>.json`` and ``.png``) on this device (the
+    ``"elastic_model"``, ``"token_routing"``; each writes ``<suite>-<device>.json`` and ``.png``) on this device (the
     GPU when there is one), print their tables and a summary of ratios against the
     baselines measured in the same run, and write JSON + plots to ``out`` (default:
     ``runs/bench-<date>-<device>``; it must be empty unless ``overwrite``). ``modes``: what is

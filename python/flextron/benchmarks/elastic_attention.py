@@ -1,8 +1,9 @@
 """Elastic attention (flextron.ElasticAttention) vs plain torch attention measured in the same
 run: the dense full-width layer, and for each static head count the same layer built on
 sliced weights (the "static sliced model"). Prefill (causal, batch 1) and one decode step
-with a filled KV cache; static head counts, a per-token mix (both core-attention backends:
-banded SDPA and FlexAttention) and a batch of sequences with different budgets. Prefill is
+with a filled KV cache; static head counts, a per-token mix (SDPA masked: every head, each
+token's unused heads zeroed; SDPA routed: nested projections around core attention per head
+band; FlexAttention) and a batch of sequences with different budgets. Prefill is
 timed in the forward, backward and full (training step) modes; decode in the forward mode.
 
 The ideal is FLOP-proportional: time x (FLOPs of the routed layer / FLOPs of the dense one),
@@ -18,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from flextron.benchmarks.common import BenchOptions, Results, mode_ratios, print_table, time_all, time_modes
-from flextron.layers import ElasticAttention
+from flextron.layers import NEVER, ElasticAttention
 from flextron.rope import apply_rotary
 from flextron.timing import Stats, stats_columns
 
@@ -128,6 +129,16 @@ def add_row(results, common: dict, case: str, backend: str, stats: dict[str, Sta
     )
 
 
+# Per-token rows time both SDPA paths of the layer's routing rule and FlexAttention.
+TOKEN_BACKENDS = ("sdpa-masked", "sdpa-routed", "flex")
+
+
+def use_backend(layer: ElasticAttention, backend: str) -> None:
+    """``"sdpa"`` (the layer's own rule), ``"sdpa-masked"``, ``"sdpa-routed"`` or ``"flex"``."""
+    layer.attention_backend = "flex" if backend == "flex" else "sdpa"
+    layer.routed_min_tokens = {"sdpa-masked": NEVER, "sdpa-routed": 0}.get(backend)
+
+
 def weights(*layers: PlainAttention) -> list[torch.Tensor]:
     return [t for layer in layers for t in (layer.w_qkv, layer.w_o)]
 
@@ -161,13 +172,13 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat, mod
     choice = mixed_choice(1, steps, len(layer.head_counts), device)
     token_heads = layer.head_count_lookup[choice].reshape(-1)
     proportional = layer_flops(shape, token_heads, keys) / full_flops
-    for backend in ("sdpa", "flex"):
+    for backend in TOKEN_BACKENDS:
         backend_modes = modes
         if backend == "flex" and x.device.type == "cpu":  # FlexAttention has no CPU backward
             backend_modes = tuple(m for m in modes if m == "forward")
         if not backend_modes:
             continue
-        layer.attention_backend = backend
+        use_backend(layer, backend)
         fns = {
             "ours": lambda: layer(x, choice, position_embeddings=(cos, sin)),
             "dense": lambda: dense(x, cos, sin),
@@ -175,7 +186,7 @@ def bench_prefill(results, layer, shape, name, steps, device, dtype, repeat, mod
         leaves = [x, *layer.parameters(), *weights(dense)]
         stats = time_modes(fns, leaves, device, repeat, backend_modes)
         add_row(results, common, "per-token uniform mix", backend, stats, proportional)
-    layer.attention_backend = "sdpa"
+    use_backend(layer, "sdpa")
 
 
 def bench_per_sequence(results, layer, shape, name, steps, device, dtype, repeat, modes):
@@ -225,9 +236,9 @@ def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repe
     common = {"phase": "decode", "shape": name, "batch": batch, "tokens": cached, "dtype": str(dtype)[6:]}
     cases = [(f"static {h}/{shape.heads} heads", g, "sdpa") for g, h in enumerate(layer.head_counts)]
     choice = mixed_choice(batch, 1, len(layer.head_counts), device)
-    cases += [("per-token uniform mix", choice, "sdpa"), ("per-token uniform mix", choice, "flex")]
+    cases += [("per-token uniform mix", choice, backend) for backend in TOKEN_BACKENDS]
     for case, choice_arg, backend in cases:
-        layer.attention_backend = backend
+        use_backend(layer, backend)
         fns = {"ours": lambda c=choice_arg: step(c), "dense": lambda: dense(x, cos, sin, kv)}
         if isinstance(choice_arg, int):
             heads = torch.full((batch,), layer.head_counts[choice_arg], device=device)
@@ -237,7 +248,7 @@ def bench_decode(results, layer, shape, name, batch, cached, device, dtype, repe
             heads = layer.head_count_lookup[choice_arg].reshape(-1)
         ideal = layer_flops(shape, heads, keys) / full_flops
         add_row(results, common, case, backend, time_all(fns, device, repeat), ideal)
-    layer.attention_backend = "sdpa"
+    use_backend(layer, "sdpa")
 
 
 def run(options: BenchOptions) -> Path:

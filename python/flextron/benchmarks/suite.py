@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from flextron.benchmarks import elastic_attention, elastic_mlp, elastic_model, nested_linear
+from flextron.benchmarks import elastic_attention, elastic_mlp, elastic_model, nested_linear, token_routing
 from flextron.benchmarks.common import BenchOptions, save_bar_plots
 
 # A suite is one benchmark: its module, its --suite name and its result files' stem
 # (<suite>-<device>.json and .png) are the same word.
-Suite = Literal["nested_linear", "elastic_mlp", "elastic_attention", "elastic_model"]
+Suite = Literal["nested_linear", "elastic_mlp", "elastic_attention", "elastic_model", "token_routing"]
 SUITES: tuple[str, ...] = get_args(Suite)
 # The names before 0.2, accepted for one release with a warning.
 DEPRECATED_SUITES = {
@@ -159,9 +159,54 @@ def _plot_attention(json_path: Path, out: Path) -> Path:
     )
 
 
+def _plot_token_routing(json_path: Path, out: Path) -> Path:
+    """Per token count: each case's time over full width next to its FLOP ideal, and where
+    the time goes (stacked, per call, scaled to the measured time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flextron.benchmarks.breakdown import KINDS
+
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    labels = [f"{r['phase']} B={r['batch']} T={r['tokens']}\n{r['case']}" for r in rows]
+    xs = range(len(rows))
+    fig, (ratio_ax, time_ax) = plt.subplots(2, 1, figsize=(max(8, 0.45 * len(rows)), 9), sharex=True)
+    ratio_ax.bar([x - 0.2 for x in xs], [r["ideal_fraction"] for r in rows], 0.4, label="ideal (FLOP share)")
+    ratio_ax.bar([x + 0.2 for x in xs], [r["fraction_of_full"] for r in rows], 0.4, label="flextron")
+    ratio_ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ratio_ax.set_ylabel("time / full width (lower is better)")
+    ratio_ax.legend(fontsize=8)
+    ratio_ax.set_title(
+        f"token_routing on {data['device_name']}\n{data['date']}, torch {data['torch_version']}", fontsize=9
+    )
+    bottom = [0.0] * len(rows)
+    for kind in KINDS:
+        per_call = [_kind_ms(r, kind) / r["ours_ms"] for r in rows]
+        time_ax.bar(xs, per_call, 0.6, bottom=bottom, label=kind)
+        bottom = [b + v for b, v in zip(bottom, per_call, strict=True)]
+    time_ax.set_ylabel("share of the call's time")
+    time_ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
+    time_ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _kind_ms(row: dict, kind: str) -> float:
+    """A kind's milliseconds per call (per-layer kinds times the layer count)."""
+    if f"{kind}_ms" in row:
+        return row[f"{kind}_ms"]
+    return row[f"per_layer_{kind}_ms"] * row["layers"]
+
+
 _SUITES = {
     "nested_linear": (nested_linear, _plot_kernel),
     "elastic_mlp": (elastic_mlp, _plot_kernel),
     "elastic_attention": (elastic_attention, _plot_attention),
     "elastic_model": (elastic_model, _plot_model),
+    "token_routing": (token_routing, _plot_token_routing),
 }
