@@ -182,6 +182,10 @@ def cmd_lut(args: argparse.Namespace) -> None:
         f"  fixed {table.fixed_ms:.3f} ms; per layer MLP {[round(v, 3) for v in table.mlp_ms]} ms, "
         f"attention {[round(v, 3) for v in table.attention_ms]} ms; full model {table.full_ms():.2f} ms"
     )
+    print(
+        f"  a uniform per-token mix: MLP {table.mlp_mixed_ms:.3f} ms, attention {table.attention_mixed_ms:.3f} ms"
+        " per layer (what a token router's layers are priced from)"
+    )
     print(f"wrote {args.out}")
 
 

@@ -170,7 +170,7 @@ def evaluate_in_training(
             router = resolve.router
             output = router(budget) if isinstance(router, StaticRouter) else served.routing.output()
             row[f"{budget:g}"]["latency_ms"] = float(
-                table.expected_ms(output.mlp_probs, output.attention_probs)
+                table.expected_ms(output.mlp_probs, output.attention_probs, output.per_token)
             )
             row[f"{budget:g}"]["latency_target_ms"] = budget * table.full_ms()
     model.train(was_training)

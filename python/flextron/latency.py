@@ -3,6 +3,14 @@ each width choice, on the current device, at given batch and sequence shapes, ti
 library's own kernels (warm-up, then the median). Routers use it to predict the latency of
 a routing: ``fixed + sum over layers of sum over choices p(choice) * time(choice)``, which
 is differentiable in the router probabilities.
+
+A layer whose tokens mix widths (token routing) costs more than that mean: routing,
+smaller GEMMs, or, where routing does not pay, every token at full width (the layers' rule,
+flextron.layers.ROUTED_MIN_TOKENS). The table also times each layer kind with a uniform
+per-token mix (``mlp_mixed_ms``, ``attention_mixed_ms``) and prices a token router's layers
+from it: where the mix is not faster than full width the kind costs that measured time
+whatever the probabilities (it saves nothing to route it per token); otherwise the mean
+above plus the mix's measured overhead over its own static mean.
 """
 
 from __future__ import annotations
@@ -39,15 +47,29 @@ class LatencyTable:
     mlp_ms: list[float]
     attention_ms: list[float]
     fixed_ms: float
+    # One layer's MLP / attention with a uniform per-token mix (None: a table from before 0.2).
+    mlp_mixed_ms: float | None = None
+    attention_mixed_ms: float | None = None
 
-    def expected_ms(self, mlp_probs: Tensor, attention_probs: Tensor) -> Tensor:
+    def expected_ms(self, mlp_probs: Tensor, attention_probs: Tensor, per_token: bool = False) -> Tensor:
         """Expected latency of a routing given per-layer choice probabilities
-        (``[layers, choices]``; per-token probabilities averaged over tokens first)."""
-        mlp = torch.as_tensor(self.mlp_ms, dtype=mlp_probs.dtype, device=mlp_probs.device)
-        attention = torch.as_tensor(
-            self.attention_ms, dtype=attention_probs.dtype, device=attention_probs.device
+        (``[layers, choices]``; per-token probabilities averaged over tokens first).
+        ``per_token``: the layers mix widths across tokens (see the module docstring)."""
+        mlp = self._kind_ms(mlp_probs, self.mlp_ms, self.mlp_mixed_ms if per_token else None)
+        attention = self._kind_ms(
+            attention_probs, self.attention_ms, self.attention_mixed_ms if per_token else None
         )
-        return self.fixed_ms + (mlp_probs * mlp).sum() + (attention_probs * attention).sum()
+        return self.fixed_ms + mlp + attention
+
+    @staticmethod
+    def _kind_ms(probs: Tensor, static_ms: list[float], mixed_ms: float | None) -> Tensor:
+        times = torch.as_tensor(static_ms, dtype=probs.dtype, device=probs.device)
+        mean = (probs * times).sum()
+        if mixed_ms is None:
+            return mean
+        if mixed_ms >= static_ms[0]:  # mixing saves nothing here: the kind costs what it measured
+            return mean * 0 + probs.shape[0] * mixed_ms
+        return mean + probs.shape[0] * (mixed_ms - sum(static_ms) / len(static_ms))
 
     def uniform_ms(self, mlp_choice: int, attention_choice: int) -> float:
         return self.fixed_ms + self.num_layers * (
@@ -107,18 +129,20 @@ def measure(
     rotary = model.rotary(positions) if model.rotary is not None else None
     cache = _filled_cache(layer.attention, batch_size, seq_len) if phase == "decode" else None
 
-    def attention(choice: int):
+    def attention(choice: int | Tensor):
         if cache is not None:
             cache.length = seq_len - 1
         return layer.attention(layer.attention_norm(x), choice, cache=cache, position_embeddings=rotary)
 
-    cases = [("mlp", c) for c in range(len(config.mlp_widths))]
+    cases: list[tuple[str, int | Tensor]] = [("mlp", c) for c in range(len(config.mlp_widths))]
     cases += [("attention", c) for c in range(len(config.head_counts))]
-    times: dict[str, list[float]] = {"mlp": [], "attention": []}
+    cases += [("mlp_mixed", uniform_mix(batch_size, steps, len(config.mlp_widths), device))]
+    cases += [("attention_mixed", uniform_mix(batch_size, steps, len(config.head_counts), device))]
+    times: dict[str, list[float]] = {kind: [] for kind, _ in cases}
     for kind, choice in tqdm(cases, desc=f"latency table ({phase})", disable=not progress):
         fn = (
             (lambda c=choice: layer.mlp(layer.mlp_norm(x), c))
-            if kind == "mlp"
+            if kind.startswith("mlp")
             else (lambda c=choice: attention(c))
         )
         times[kind].append(median_ms(fn, device, warmup, repeat))
@@ -135,7 +159,16 @@ def measure(
         mlp_ms=times["mlp"],
         attention_ms=times["attention"],
         fixed_ms=fixed_ms,
+        mlp_mixed_ms=times["mlp_mixed"][0],
+        attention_mixed_ms=times["attention_mixed"][0],
     )
+
+
+def uniform_mix(batch_size: int, steps: int, groups: int, device: torch.device) -> Tensor:
+    """Per-token choices ``[batch, steps]``, an equal share of each, in a fixed random order."""
+    tokens = batch_size * steps
+    order = torch.randperm(tokens, generator=torch.Generator().manual_seed(0))
+    return (order % groups).view(batch_size, steps).to(device)
 
 
 def _filled_cache(attention, batch_size: int, seq_len: int):

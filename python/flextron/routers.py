@@ -81,6 +81,7 @@ class RouterOutput:
     attention_scale: list
     mlp_probs: Tensor
     attention_probs: Tensor
+    per_token: bool = False  # a token router's: layers mix widths across tokens
 
     def features(self) -> Tensor:
         """The surrogate model's input: all layers' probabilities, concatenated."""
@@ -246,4 +247,4 @@ class TokenRouting:
             raise RuntimeError("TokenRouting.output() needs at least one complete forward pass")
         mlp = torch.stack(self.mlp_probs).view(-1, layers, self.router.mlp_choices).mean(0)
         attention = torch.stack(self.attention_probs).view(-1, layers, self.router.attention_choices).mean(0)
-        return RouterOutput([], [], [], [], mlp, attention)
+        return RouterOutput([], [], [], [], mlp, attention, per_token=True)

@@ -80,7 +80,7 @@ def routing_from(output: RouterOutput) -> Routing:
 def latency_penalty(table: LatencyTable, output: RouterOutput, budget: float) -> tuple[Tensor, Tensor]:
     """``|expected latency / target - 1|`` and the expected latency (ms) of the routers'
     probabilities on the latency table."""
-    expected = table.expected_ms(output.mlp_probs, output.attention_probs)
+    expected = table.expected_ms(output.mlp_probs, output.attention_probs, output.per_token)
     return (expected / (budget * table.full_ms()) - 1).abs(), expected
 
 
