@@ -194,6 +194,45 @@ class ElasticMLP(nn.Module):
         return f"widths={list(self.widths)}, activation={self.activation!r}"
 
 
+def head_shape(
+    hidden_size: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None
+) -> tuple[int, int]:
+    """``(num_kv_heads, head_dim)`` with their defaults (MHA; ``hidden_size // num_heads``),
+    checked."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if hidden_size <= 0 or num_heads <= 0 or num_kv_heads <= 0:
+        raise ValueError(
+            f"sizes must be positive, got hidden={hidden_size}, heads={num_heads}, kv_heads={num_kv_heads}"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) is not a multiple of num_heads ({num_heads}): pass head_dim"
+            )
+        head_dim = hidden_size // num_heads
+    return num_kv_heads, head_dim
+
+
+def routing_mode(choice: int | Tensor, batch: int, steps: int) -> str:
+    """``static`` (an int), ``sequence`` (``[B]``) or ``token`` (``[B, S]``); else an error."""
+    if isinstance(choice, int):
+        return "static"
+    if not isinstance(choice, Tensor):
+        raise TypeError(f"choice must be an int or a tensor, got {type(choice).__name__}")
+    if choice.dtype.is_floating_point or choice.dtype == torch.bool:
+        raise TypeError(f"choice must be an integer tensor, got {choice.dtype}")
+    if choice.shape == (batch,):
+        return "sequence"
+    if choice.shape == (batch, steps):
+        return "token"
+    raise ValueError(
+        f"choice must be an int, a tensor [batch={batch}] or [batch={batch}, seq={steps}], "
+        f"got shape {tuple(choice.shape)}"
+    )
+
+
 AttentionBackend = Literal["sdpa", "flex"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
@@ -254,19 +293,7 @@ class ElasticAttention(nn.Module):
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}"
             )
         self.attention_backend = attention_backend
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if hidden_size <= 0 or num_heads <= 0 or num_kv_heads <= 0:
-            raise ValueError(
-                f"sizes must be positive, got hidden={hidden_size}, heads={num_heads}, kv_heads={num_kv_heads}"
-            )
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size ({hidden_size}) is not a multiple of num_heads ({num_heads}): pass head_dim"
-                )
-            head_dim = hidden_size // num_heads
+        num_kv_heads, head_dim = head_shape(hidden_size, num_heads, num_kv_heads, head_dim)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -343,7 +370,7 @@ class ElasticAttention(nn.Module):
         batch, steps, _ = x.shape
         valid = valid_mask(attention_mask, batch, steps, x.device)
         positions = (position_ids, position_embeddings)
-        mode = self._routing_mode(choice, batch, steps)
+        mode = routing_mode(choice, batch, steps)
         if mode == "token" and batch * steps == 1 and x.device.type == "cpu":
             choice, mode = int(choice.reshape(())), "static"  # one token (no device sync on the CPU)
         if mode == "static":
@@ -449,22 +476,6 @@ class ElasticAttention(nn.Module):
             k, v, cached_valid = cache.update(k, v, valid)
             key_valid = cached_valid if cache.padded else None
         return q, k, v, key_valid
-
-    def _routing_mode(self, choice: int | Tensor, batch: int, steps: int) -> str:
-        if isinstance(choice, int):
-            return "static"
-        if not isinstance(choice, Tensor):
-            raise TypeError(f"choice must be an int or a tensor, got {type(choice).__name__}")
-        if choice.dtype.is_floating_point or choice.dtype == torch.bool:
-            raise TypeError(f"choice must be an integer tensor, got {choice.dtype}")
-        if choice.shape == (batch,):
-            return "sequence"
-        if choice.shape == (batch, steps):
-            return "token"
-        raise ValueError(
-            f"choice must be an int, a tensor [batch={batch}] or [batch={batch}, seq={steps}], "
-            f"got shape {tuple(choice.shape)}"
-        )
 
     def _static_heads(self, choice: int) -> int:
         if not 0 <= choice < len(self.head_counts):

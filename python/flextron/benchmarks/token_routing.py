@@ -29,20 +29,22 @@ from flextron.timing import stats_columns
 
 CPU_PREFILL, GPU_PREFILL = (16, 256, 1024, 4096), (16, 256, 1024, 4096, 8192)
 DECODE_BATCHES, CACHED = (1, 4), 256
-CASES = ("full", "uniform", "per-token mix", "per-token MLP", "per-token heads")
 
 
 def routings(model: ElasticLM, batch: int, steps: int, device: str) -> dict[str, Routing]:
     """The routings compared: full width, a uniform sub-network (MLP choice 1, heads 1), and
-    per-token mixes drawn uniformly at random per layer and token (seeded)."""
+    per-token mixes drawn uniformly at random per layer and token (seeded): over every
+    choice (MLP and heads, MLP only, heads only), and over all but the widest ("half": a mean
+    width share of 0.5 with four MLP widths and three head counts in equal steps)."""
     config = model.config
     layers = config.num_layers
     gen = torch.Generator().manual_seed(0)
 
-    def draw(groups: int) -> list[torch.Tensor]:
-        return [torch.randint(0, groups, (batch, steps), generator=gen).to(device) for _ in range(layers)]
+    def draw(groups: int, low: int = 0) -> list[torch.Tensor]:
+        return [torch.randint(low, groups, (batch, steps), generator=gen).to(device) for _ in range(layers)]
 
     mlp, heads = draw(len(config.mlp_widths)), draw(len(config.head_counts))
+    narrow_mlp, narrow_heads = draw(len(config.mlp_widths), 1), draw(len(config.head_counts), 1)
     full_mlp, full_heads = [0] * layers, [0] * layers
     return {
         "full": Routing.uniform(layers, 0, 0),
@@ -50,6 +52,7 @@ def routings(model: ElasticLM, batch: int, steps: int, device: str) -> dict[str,
         "per-token mix": Routing(mlp, heads),
         "per-token MLP": Routing(mlp, full_heads),
         "per-token heads": Routing(full_mlp, heads),
+        "per-token half": Routing(narrow_mlp, narrow_heads),
     }
 
 
