@@ -25,14 +25,14 @@ def probs(first: float) -> torch.Tensor:
 def test_static_routings_cost_the_probability_weighted_times():
     mlp, attention = probs(0.5), probs(1.0)
     expected = table(3.5, 2.5).expected_ms(mlp, attention)
-    assert float(expected) == pytest.approx(1.0 + 2 * 3.0 + 2 * 2.0)
+    assert expected.item() == pytest.approx(1.0 + 2 * 3.0 + 2 * 2.0)
 
 
 def test_a_mix_that_pays_costs_its_mean_plus_the_measured_overhead():
     # MLP: a uniform mix measured 3.5 ms against a static mean of 3 ms: 0.5 ms overhead.
     mlp, attention = probs(0.25), probs(1.0)
     expected = table(3.5, None).expected_ms(mlp, attention, per_token=True)
-    assert float(expected) == pytest.approx(1.0 + 2 * (0.25 * 4 + 0.75 * 2 + 0.5) + 2 * 2.0)
+    assert expected.item() == pytest.approx(1.0 + 2 * (0.25 * 4 + 0.75 * 2 + 0.5) + 2 * 2.0)
     expected.backward()
     assert mlp.grad[0, 0] > mlp.grad[0, 1]  # the router still learns that narrower is faster
 
@@ -41,7 +41,7 @@ def test_a_mix_that_does_not_pay_costs_what_it_measured_whatever_the_probabiliti
     # Attention: the mix measured 2.1 ms, more than full width (2 ms): it runs masked.
     mlp, attention = probs(1.0), probs(0.1)
     expected = table(None, 2.1).expected_ms(mlp, attention, per_token=True)
-    assert float(expected) == pytest.approx(1.0 + 2 * 4.0 + 2 * 2.1)
+    assert expected.item() == pytest.approx(1.0 + 2 * 4.0 + 2 * 2.1)
     expected.backward()
     assert torch.count_nonzero(attention.grad) == 0  # nothing to gain by routing it per token
 
@@ -49,7 +49,7 @@ def test_a_mix_that_does_not_pay_costs_what_it_measured_whatever_the_probabiliti
 def test_tables_without_mixed_times_price_as_before():
     mlp, attention = probs(0.5), probs(0.5)
     old = table(None, None)
-    assert float(old.expected_ms(mlp, attention, per_token=True)) == float(old.expected_ms(mlp, attention))
+    assert old.expected_ms(mlp, attention, per_token=True).item() == old.expected_ms(mlp, attention).item()
 
 
 def test_measure_times_the_uniform_mixes():
