@@ -246,6 +246,13 @@ CASES: dict[str, Case] = {
         convert_argv(hf_copy_with(w, t, remove_tokenizer), t / "o"), "holds no tokenizer flextron can load"),
     "a run held by another process": lambda w, t: (
         train_argv(w, held(t / "held"), "--steps", "1"), "being written by another process (PID"),
+    # Rough edges a new user hit
+    "generate an empty prompt": lambda w, t: (
+        ["generate", "--checkpoint", str(w.elastic), "--prompt", ""], "the prompt is empty"),
+    "a file as --checkpoint": lambda w, t: (
+        ["eval", "--checkpoint", str(w.text)], "is a file, not a checkpoint directory"),
+    "an empty entry in --budgets": lambda w, t: (
+        ["eval", "--checkpoint", str(w.elastic), "--budgets", "1,,0.5"], "an empty entry in '1,,0.5'"),
 }  # fmt: skip
 
 
@@ -365,3 +372,18 @@ def test_lut_eval_and_bench_refuse_to_replace_results(work, tmp_path, capsys):
     argv = eval_argv(work.elastic, "--out", str(tmp_path / "eval"), "--overwrite")
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "eval" / "perplexity.json").read_text())[0]["budget"] == 1
+
+
+def test_a_run_directory_as_checkpoint_means_its_latest_checkpoint(work, capsys):
+    code = cli.main(["generate", "--checkpoint", str(work.run), "--prompt", "To be", "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    first = err.splitlines()[0]
+    assert first == f"using {work.run / 'checkpoint-000001'}, the latest checkpoint of the run in {work.run}"
+    assert out.strip()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("flextron 0.")

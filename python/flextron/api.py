@@ -13,6 +13,7 @@ them, or a list of :class:`flextron.data.Text`; ``None`` is the embedded Shakesp
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,16 @@ def _texts(source: TextSource, default_split: str) -> list[_data.Text]:
     if not texts or not all(isinstance(t, _data.Text) for t in texts):
         raise ValueError("text must be a file, a directory, or a non-empty list of flextron.data.Text")
     return texts
+
+
+def _checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a training run's (its latest checkpoint, said on stderr)."""
+    from flextron.checkpoint import resolve_checkpoint
+
+    resolved = resolve_checkpoint(path)
+    if resolved != Path(path):
+        print(f"using {resolved}, the latest checkpoint of the run in {path}", file=sys.stderr)
+    return resolved
 
 
 def _load(checkpoint: str | Path, device: str, dtype: DtypeName | torch.dtype):
@@ -147,7 +158,7 @@ def train(
         settings = TrainConfig(**given)
     return run_training(
         settings,
-        checkpoint,
+        _checkpoint(checkpoint),
         _texts(data, "train"),
         out,
         eval_texts=_texts(eval_data, "eval"),
@@ -178,7 +189,7 @@ def lut(
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     check_files_free([Path(out)], overwrite)
-    model, _, _ = _load(checkpoint, device, dtype)
+    model, _, _ = _load(_checkpoint(checkpoint), device, dtype)
     torch.manual_seed(seed)  # the timed inputs are random
     table = measure(model, batch_size, seq_len, phase, progress=progress)
     table.save(out)
@@ -211,6 +222,7 @@ def evaluate(
         raise ValueError("budgets needs at least one budget")
     if out is not None:
         check_files_free([Path(out) / name for name in RESULT_FILES], overwrite)
+    checkpoint = _checkpoint(checkpoint)
     model, record, tokenizer = _load(checkpoint, device, dtype)
     resolver = BudgetResolver.for_checkpoint(model, record, checkpoint, routing)
     results = evaluate_budgets(
@@ -250,7 +262,8 @@ def export(
     absent unless ``overwrite``, and never the checkpoint. Returns ``out``."""
     from flextron.conversion import export_hf
 
-    check_not_source(Path(out), Path(checkpoint))
+    checkpoint = _checkpoint(checkpoint)
+    check_not_source(Path(out), checkpoint)
     check_free(Path(out), overwrite)
     model, record, tokenizer = _load(checkpoint, device, dtype)
     if budget is not None:
@@ -297,10 +310,15 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
+    if not prompt:
+        raise ValueError("the prompt is empty: give the text to continue")
+    checkpoint = _checkpoint(checkpoint)
     model, record, tokenizer = _load(checkpoint, device, dtype)
     served = BudgetResolver.for_checkpoint(model, record, checkpoint, routing)(budget)
     resolved = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(resolved)
+    if ids.shape[1] == 0:
+        raise ValueError(f"the prompt {prompt!r} is no tokens for this tokenizer: give text to continue")
     generator = torch.Generator(device=resolved).manual_seed(seed)
     tokens = model.generate(
         ids,

@@ -251,6 +251,17 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or, for a training run's directory (a ``latest`` file and no
+    ``flextron.json``), the checkpoint its ``latest`` names. A file is a CheckpointError."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory")
+    if path.is_dir() and not (path / METADATA).is_file():
+        return latest_checkpoint(path) or path
+    return path
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The checkpoint a run directory's ``latest`` names: a ``checkpoint-NNNNNN`` inside it."""
     pointer = out_dir / "latest"

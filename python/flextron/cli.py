@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import flextron
 from flextron import api
 from flextron.budgets import ROUTING_METHODS
 from flextron.runtime import DTYPE_NAMES
@@ -66,16 +67,25 @@ def _non_negative_float(text: str) -> float:
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in _entries(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [float(v) for v in _entries(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _entries(text: str) -> list[str]:
+    """The comma-separated entries of ``text``; an empty one (``1,,0.5``) is an error, not
+    silently dropped."""
+    entries = [v.strip() for v in text.split(",")]
+    if not all(entries):
+        raise argparse.ArgumentTypeError(f"an empty entry in {text!r}")
+    return entries
 
 
 def _choice_list(choices: Sequence[str], deprecated: Sequence[str] = ()):
@@ -359,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flextron",
         description="Nested elastic LLMs (Flextron): one model, many budgets. "
         "Start with `flextron demo`; every command's --help lists its flags.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"flextron {flextron.__version__} (torch {torch.__version__})"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
