@@ -57,6 +57,7 @@ def test_convert_eval_export_generate(tiny_model_dir, text_file, tmp_path, capsy
     assert all(r["routing"] == "uniform" for r in rows)  # a converted checkpoint has no routers
     assert all(r["perplexity"] > 1 for r in rows)
     assert f"{rows[0]['perplexity']:.2f}" in out  # the printed table holds the same numbers
+    assert "perplexity of 252 held-out tokens in windows of 64" in out  # the window is said
     assert (tmp_path / "eval" / "perplexity.png").stat().st_size > 0
 
     code, out, err = run(

@@ -218,6 +218,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         progress=_progress(args),
     )
     print(format_table(results))
+    print(
+        f"perplexity of {results[0].tokens} held-out tokens in windows of {args.seq_len} "
+        "(it depends on the window: compare runs at the same --seq-len)"
+    )
     print(f"wrote {out / 'perplexity.json'} and {out / 'perplexity.png'}")
 
 

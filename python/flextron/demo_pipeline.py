@@ -218,7 +218,8 @@ def format_rows(rows: list[BudgetRow], full_ms: float, options: DemoOptions) -> 
     lines = [
         f"\nSmolLM2-135M, elastic ({options.elastic_steps} steps) + routers ({options.router_steps} steps); "
         f"latency: forward of {options.batch_size} x {options.seq_len} tokens on {options.device}, "
-        f"full width {full_ms:.1f} ms",
+        f"full width {full_ms:.1f} ms; perplexity of {options.eval_tokens} held-out tokens in "
+        f"windows of {options.seq_len}",
         "| routing | MLP widths (x layers) | heads (x layers) | parameters | latency (ms) | speed-up | perplexity |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
