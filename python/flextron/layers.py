@@ -51,6 +51,15 @@ ROUTED_MIN_TOKENS: dict[str, dict[str, int]] = {
 }
 
 
+def routes(kind: str, tokens: int, device: torch.device, routed_min_tokens: int | None) -> bool:
+    """Whether a per-token call of a ``kind`` layer (``"mlp"``, ``"attention"``) over
+    ``tokens`` tokens takes the routed path: from ``routed_min_tokens`` on (a layer's
+    override), else from the device's default in ROUTED_MIN_TOKENS."""
+    if routed_min_tokens is None:
+        routed_min_tokens = ROUTED_MIN_TOKENS[kind].get(device.type, 0)
+    return tokens >= routed_min_tokens
+
+
 def look_up(values: Tensor, choice: Tensor) -> Tensor:
     """``values[choice]``. On the CPU a choice out of range is the ValueError route_plan
     raises; on a GPU (and in compiled code) the indexing's own check (a host check would
@@ -137,8 +146,8 @@ class ElasticMLP(nn.Module):
             )
         if tokens == 1 and x.device.type == "cpu":  # one token is a static call (no device sync)
             return self._forward_static(x, int(choice.reshape(())), scale)
-        if not self._routes(tokens, x.device):
-            return self._forward_token_masked(x, choice, scale)
+        if not routes("mlp", tokens, x.device, self.routed_min_tokens):
+            return self._forward_static(x, 0, scale, hidden_mask=self._hidden_mask(choice))
         return elastic_mlp(
             x,
             choice.reshape(-1),
@@ -172,23 +181,11 @@ class ElasticMLP(nn.Module):
             y = y * scale.reshape(-1, 1)
         return y.reshape(x.shape)
 
-    def _forward_token_masked(self, x: Tensor, choice: Tensor, scale: Tensor | None) -> Tensor:
-        """Every token at full width, its hidden units past its own width zeroed."""
-        y = self._forward_static(x, 0, None, hidden_mask=self._hidden_mask(choice))
-        if scale is not None:
-            y = y * scale.reshape(*y.shape[:-1], 1)
-        return y
-
     def _hidden_mask(self, choice: Tensor) -> Tensor:
+        """``[tokens, widths[0]]``: which hidden units each token uses (the masked path runs
+        every token at full width and zeroes the rest)."""
         units = torch.arange(self.widths[0], device=choice.device)
-        return units < look_up(self.width_lookup, choice.reshape(-1))[:, None]  # [tokens, widths[0]]
-
-    def _routes(self, tokens: int, device: torch.device) -> bool:
-        """Whether a per-token call over ``tokens`` tokens takes the routed path."""
-        limit = self.routed_min_tokens
-        if limit is None:
-            limit = ROUTED_MIN_TOKENS["mlp"].get(device.type, 0)
-        return tokens >= limit
+        return units < look_up(self.width_lookup, choice.reshape(-1))[:, None]
 
     def extra_repr(self) -> str:
         return f"widths={list(self.widths)}, activation={self.activation!r}"
@@ -375,14 +372,24 @@ class ElasticAttention(nn.Module):
             choice, mode = int(choice.reshape(())), "static"  # one token (no device sync on the CPU)
         if mode == "static":
             return self._forward_static(x, self._static_heads(choice), valid, cache, positions)
-        if mode == "token" and self.attention_backend == "sdpa" and not self._routes(x):
-            return self._forward_token_masked(x, choice, valid, cache, positions)
+        masked = mode == "token" and self.attention_backend == "sdpa"
+        if masked and not routes("attention", batch * steps, x.device, self.routed_min_tokens):
+            head_mask = self._head_mask(choice)
+            return self._forward_static(x, self.num_heads, valid, cache, positions, head_mask)
         return self._forward_routed(x, choice, mode, valid, cache, positions)
 
     def _forward_static(
-        self, x: Tensor, heads: int, valid: Tensor | None, cache: KVCache | None, positions: Positions
+        self,
+        x: Tensor,
+        heads: int,
+        valid: Tensor | None,
+        cache: KVCache | None,
+        positions: Positions,
+        head_mask: Tensor | None = None,
     ) -> Tensor:
-        """One head count for every token: the weights' prefixes, one SDPA over kept heads."""
+        """One head count for every token: the weights' prefixes, one SDPA over kept heads.
+        ``head_mask [B, S, heads]`` (the masked per-token path, at full width) zeroes each
+        token's outputs past its head count before ``o_proj``."""
         batch, steps, _ = x.shape
         width = self.kv_size + heads * self.head_dim
         bias = self.qkv_proj.bias[:width] if self.qkv_proj.bias is not None else None
@@ -391,7 +398,9 @@ class ElasticAttention(nn.Module):
         kv_kept = heads // (self.num_heads // self.num_kv_heads)
         mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
         out = banded_attention(q, k[:, :kv_kept], v[:, :kv_kept], [heads], mask, is_causal)
-        out = self.heads_probe(out.transpose(1, 2)).reshape(batch, steps, heads * self.head_dim)
+        out = out.transpose(1, 2)
+        out = out * head_mask[..., None].to(out.dtype) if head_mask is not None else self.heads_probe(out)
+        out = out.reshape(batch, steps, heads * self.head_dim)
         return nn.functional.linear(out, self.o_proj.weight[:, : heads * self.head_dim], self.o_proj.bias)
 
     def _forward_routed(
@@ -432,26 +441,10 @@ class ElasticAttention(nn.Module):
             y = y + self.o_proj.bias
         return unpermute(y, plan).reshape(batch, steps, -1)
 
-    def _forward_token_masked(
-        self, x: Tensor, choice: Tensor, valid: Tensor | None, cache: KVCache | None, positions: Positions
-    ) -> Tensor:
-        """A head count per token at full width: every head attends, and each token's outputs
-        past its head count are zeroed before ``o_proj`` (no permutation, one SDPA call)."""
-        batch, steps, _ = x.shape
-        q, k, v, key_valid = self._attention_inputs(self.qkv_proj(x), self.num_heads, valid, cache, positions)
-        mask, is_causal = causal_mask(steps, k.shape[2], key_valid, x.device)
-        out = banded_attention(q, k, v, [self.num_heads], mask, is_causal).transpose(1, 2)
-        heads = torch.arange(self.num_heads, device=x.device)
-        kept = heads < look_up(self.head_count_lookup, choice)[..., None]  # [B, S, heads]
-        out = out * kept[..., None].to(out.dtype)
-        return self.o_proj(out.reshape(batch, steps, self.num_heads * self.head_dim))
-
-    def _routes(self, x: Tensor) -> bool:
-        """Whether a per-token call over ``x`` takes the routed path (see routed_min_tokens)."""
-        limit = self.routed_min_tokens
-        if limit is None:
-            limit = ROUTED_MIN_TOKENS["attention"].get(x.device.type, 0)
-        return x.shape[0] * x.shape[1] >= limit
+    def _head_mask(self, choice: Tensor) -> Tensor:
+        """``[B, S, heads]``: which query heads each token uses."""
+        heads = torch.arange(self.num_heads, device=choice.device)
+        return heads < look_up(self.head_count_lookup, choice)[..., None]
 
     def _attention_inputs(
         self, qkv: Tensor, heads: int, valid: Tensor | None, cache: KVCache | None, positions: Positions
