@@ -102,7 +102,7 @@ def time_modes(
     and ``.grad`` are restored afterwards)."""
     timed: dict[str, Callable[[], object]] = {}
     if "forward" in modes:
-        timed |= {name: _without_grad(fn) for name, fn in fns.items()}
+        timed |= {name: _in_grad_mode(fn, False) for name, fn in fns.items()}
     with _requiring_grad(leaves):
         if "backward" in modes:
             for name, fn in fns.items():
@@ -111,32 +111,28 @@ def time_modes(
                 timed[f"{name}_backward"] = lambda loss=loss: loss.backward(retain_graph=True)
         if "full" in modes:
             timed |= {
-                f"{name}_full": _with_grad(lambda fn=fn: fn().float().sum().backward())
+                f"{name}_full": _in_grad_mode(lambda fn=fn: fn().float().sum().backward(), True)
                 for name, fn in fns.items()
             }
         return time_all(timed, device, repeat)
 
 
-def mode_ratios(stats: dict[str, Stats], ours: str, baseline: str, column: str) -> dict[str, float]:
-    """``{mode}_{column}``: ours / baseline time in the backward and full modes that ran."""
+def mode_ratios(stats: dict[str, Stats], numerator: str, denominator: str, column: str) -> dict[str, float]:
+    """``{mode}_{column}``: numerator / denominator time in the backward and full modes that
+    ran."""
     return {
-        f"{mode}_{column}": stats[f"{ours}_{mode}"].median / stats[f"{baseline}_{mode}"].median
+        f"{mode}_{column}": stats[f"{numerator}_{mode}"].median / stats[f"{denominator}_{mode}"].median
         for mode in ("backward", "full")
-        if f"{ours}_{mode}" in stats and f"{baseline}_{mode}" in stats
+        if f"{numerator}_{mode}" in stats and f"{denominator}_{mode}" in stats
     }
 
 
-def _without_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    return lambda: _call(fn, False)
+def _in_grad_mode(fn: Callable[[], object], enabled: bool) -> Callable[[], object]:
+    def call() -> object:
+        with torch.set_grad_enabled(enabled):
+            return fn()
 
-
-def _with_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    return lambda: _call(fn, True)
-
-
-def _call(fn: Callable[[], object], grad: bool) -> object:
-    with torch.set_grad_enabled(grad):
-        return fn()
+    return call
 
 
 @contextlib.contextmanager

@@ -49,6 +49,19 @@ class ModelShape:
             rope_theta=500000.0,
         )
 
+    def fewer_layers(self) -> ModelShape:
+        """The same shape with at most 2 layers (quick runs)."""
+        return ModelShape(**{**self.__dict__, "layers": min(self.layers, 2)})
+
+    def random_model(self, device: str, dtype: torch.dtype) -> ElasticLM:
+        """An inference-mode ElasticLM of this shape with N(0, 0.02) weights (the time does
+        not depend on their values)."""
+        model = ElasticLM(self.config(), device=device, dtype=dtype).eval().requires_grad_(False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        return model
+
     def source_config(self) -> dict:
         """The transformers LlamaConfig of the full model, as a dict."""
         from transformers import LlamaConfig
@@ -91,7 +104,7 @@ def run(options: BenchOptions) -> Path:
     shapes = GPU_SHAPES if options.on_gpu else CPU_SHAPES
     tokens_list = GPU_TOKENS if options.on_gpu else CPU_TOKENS
     if options.quick:
-        shapes = {name: _fewer_layers(shape) for name, shape in shapes.items()}
+        shapes = {name: shape.fewer_layers() for name, shape in shapes.items()}
         tokens_list = tokens_list[:1]
     repeat = options.repeat(5)
     results = Results("elastic_model", device)
@@ -100,10 +113,7 @@ def run(options: BenchOptions) -> Path:
     torch.manual_seed(0)
     with torch.no_grad():
         for name, shape in shapes.items():
-            config = shape.config()
-            model = ElasticLM(config, device=device, dtype=dtype).eval()
-            for p in model.parameters():
-                p.normal_(0.0, 0.02)
+            model = shape.random_model(device, dtype)
             source = shape.source_config()
             for tokens in tokens_list:
                 _bench_shape(
@@ -127,10 +137,6 @@ def run(options: BenchOptions) -> Path:
     path = results.write(options.out)
     print(f"wrote {path}")
     return path
-
-
-def _fewer_layers(shape: ModelShape) -> ModelShape:
-    return ModelShape(**{**shape.__dict__, "layers": min(shape.layers, 2)})
 
 
 def _bench_shape(

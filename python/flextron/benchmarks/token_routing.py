@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from flextron.benchmarks.breakdown import KINDS, breakdown
 from flextron.benchmarks.common import BenchOptions, Results, print_table, time_all
-from flextron.benchmarks.elastic_model import CPU_SHAPES, GPU_SHAPES, _fewer_layers
+from flextron.benchmarks.elastic_model import CPU_SHAPES, GPU_SHAPES
 from flextron.model import ElasticConfig, ElasticLM, Routing
 from flextron.timing import stats_columns
 
 CPU_PREFILL, GPU_PREFILL = (16, 256, 1024, 4096), (16, 256, 1024, 4096, 8192)
 DECODE_BATCHES, CACHED = (1, 4), 256
+PER_CALL_KINDS = ("lm_head", "other")
 
 
 def routings(model: ElasticLM, batch: int, steps: int, device: str) -> dict[str, Routing]:
@@ -80,7 +81,7 @@ def run(options: BenchOptions) -> Path:
     prefill = GPU_PREFILL if options.on_gpu else CPU_PREFILL
     decode = DECODE_BATCHES
     if options.quick:
-        shapes = {name: _fewer_layers(shape) for name, shape in shapes.items()}
+        shapes = {name: shape.fewer_layers() for name, shape in shapes.items()}
         prefill, decode = prefill[:1], decode[:1]
     results = Results("token_routing", device)
     results.write_as_you_go(options.out)
@@ -88,9 +89,7 @@ def run(options: BenchOptions) -> Path:
     torch.manual_seed(0)
     with torch.no_grad():
         for name, shape in shapes.items():
-            model = ElasticLM(shape.config(), device=device, dtype=dtype).eval().requires_grad_(False)
-            for p in model.parameters():
-                p.normal_(0.0, 0.02)
+            model = shape.random_model(device, dtype)
             for steps in tqdm(prefill, desc=f"{name} prefill", leave=False):
                 _bench(results, model, name, "prefill", 1, steps, options)
             for batch in decode:
@@ -103,6 +102,19 @@ def run(options: BenchOptions) -> Path:
     path = results.write(options.out)
     print(f"wrote {path}")
     return path
+
+
+def breakdown_columns(kinds: dict[str, float], scale: float, layers: int) -> dict[str, float]:
+    """The breakdown scaled to the measured time: ``per_layer_{kind}_ms`` for the layers'
+    kinds; ``lm_head_ms`` and ``other_ms`` (embedding, final norm and every layer's norms,
+    RoPE, residuals) per call."""
+    columns = {}
+    for kind in KINDS:
+        if kind in PER_CALL_KINDS:
+            columns[f"{kind}_ms"] = kinds[kind] * scale
+        else:
+            columns[f"per_layer_{kind}_ms"] = kinds[kind] * scale / layers
+    return columns
 
 
 def _bench(
@@ -130,22 +142,13 @@ def _bench(
     repeat = options.repeat(3 if steps >= 4096 else 5)
     stats = time_all(fns, device, repeat)
     full_ms = stats["full"].median
+    cached = CACHED if phase == "decode" else 0
+    full_flops = flops(config, cases["full"], batch, steps, cached)
     for case, routing in cases.items():
         ours_ms = stats[case].median
         kinds = breakdown(fns[case], device, model.lm_head, calls=1 if steps >= 1024 else 2)
         scale = ours_ms / kinds["total"] if kinds["total"] else 0.0
-        # Per layer for the layers' kinds; the LM head and "other" (embedding, final norm and
-        # every layer's norms, RoPE, residuals) per call.
-        per_layer = {
-            f"{kind}_ms" if kind in ("lm_head", "other") else f"per_layer_{kind}_ms": kinds[kind]
-            * scale
-            / (1 if kind in ("lm_head", "other") else config.num_layers)
-            for kind in KINDS
-        }
-        cached = CACHED if phase == "decode" else 0
-        ideal = flops(config, routing, batch, steps, cached) / flops(
-            config, cases["full"], batch, steps, cached
-        )
+        ideal = flops(config, routing, batch, steps, cached) / full_flops
         results.add(
             shape=name,
             layers=config.num_layers,
@@ -158,5 +161,5 @@ def _bench(
             fraction_of_full=ours_ms / full_ms,
             ideal_fraction=round(ideal, 4),
             vs_ideal=ours_ms / (ideal * full_ms),
-            **per_layer,
+            **breakdown_columns(kinds, scale, config.num_layers),
         )
