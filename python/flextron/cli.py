@@ -93,9 +93,9 @@ def _choice_list(choices: Sequence[str], deprecated: Sequence[str] = ()):
     but not offered), else a one-line usage error."""
 
     def parse(text: str) -> list[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
+        names = _entries(text)
         unknown = [n for n in names if n not in choices and n not in deprecated]
-        if unknown or not names:
+        if unknown:
             raise argparse.ArgumentTypeError(f"expected names from {', '.join(choices)}; got {text!r}")
         return names
 
@@ -259,14 +259,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from flextron.benchmarks import DEPRECATED_SUITES, SUITES
+    from flextron.benchmarks import SUITES
+    from flextron.benchmarks.suite import resolve_suites
 
-    suites: list[str] = []
-    for suite in SUITES if args.suite == ["all"] else args.suite:
-        if suite in DEPRECATED_SUITES:
-            new = ",".join(DEPRECATED_SUITES[suite])
-            print(f"flextron bench: --suite {suite} is deprecated, use --suite {new}", file=sys.stderr)
-        suites += DEPRECATED_SUITES.get(suite, (suite,))
+    def notice(old: str, new: tuple[str, ...]) -> None:
+        print(f"flextron bench: --suite {old} is deprecated, use --suite {','.join(new)}", file=sys.stderr)
+
+    suites = resolve_suites(SUITES if args.suite == ["all"] else args.suite, notice)
     report = api.bench(
         suites,
         device=args.device,
@@ -330,10 +329,10 @@ def _common(
     ``--seed`` where randomness is involved, ``--quiet`` where there are progress bars. A
     ``None`` default defers to ``config``'s field (train) or means ``unset_device`` (bench)."""
     parameters = inspect.signature(function).parameters
-    device = parameters["device"].default
+    device = _api_default(function, "device")
     shown = device or unset_device or _config_default(config, "device")
     parser.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {shown})")
-    dtype = parameters["dtype"].default
+    dtype = _api_default(function, "dtype")
     parser.add_argument(
         "--dtype",
         choices=DTYPE_NAMES,
@@ -342,7 +341,7 @@ def _common(
         f"(default: {dtype or _config_default(config, 'dtype')})",
     )
     if "seed" in parameters:
-        seed = parameters["seed"].default
+        seed = _api_default(function, "seed")
         shown = _config_default(config, "seed") if seed is None else seed
         parser.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default: {shown})")
     if "progress" in parameters:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -34,17 +34,24 @@ class BenchReport:
     summary: list[dict] = field(default_factory=list)  # one row per suite (median ratios)
 
 
-def resolve_suites(suites: Sequence[str]) -> tuple[str, ...]:
-    """``suites`` with the deprecated group names expanded (a warning each), in run order."""
+def resolve_suites(
+    suites: Sequence[str], notify: Callable[[str, tuple[str, ...]], None] | None = None
+) -> tuple[str, ...]:
+    """``suites`` with the deprecated group names expanded, in run order. Each deprecated
+    name is reported to ``notify(name, replacement)`` (the CLI's one-line notice), else as
+    a FutureWarning."""
     named: list[str] = []
     for suite in suites:
         if suite in DEPRECATED_SUITES:
             replacement = DEPRECATED_SUITES[suite]
-            warnings.warn(
-                f"benchmark suite {suite!r} is deprecated: use {', '.join(replacement)}",
-                FutureWarning,
-                stacklevel=3,
-            )
+            if notify is not None:
+                notify(suite, replacement)
+            else:
+                warnings.warn(
+                    f"benchmark suite {suite!r} is deprecated: use {', '.join(replacement)}",
+                    FutureWarning,
+                    stacklevel=3,
+                )
             named += replacement
         else:
             named.append(suite)
