@@ -68,6 +68,7 @@ class LatencyTable:
         if mixed_ms is None:
             return mean
         if mixed_ms >= static_ms[0]:  # mixing saves nothing here: the kind costs what it measured
+            # (mean * 0 keeps the probabilities in the graph: zero gradients, not none)
             return mean * 0 + probs.shape[0] * mixed_ms
         return mean + probs.shape[0] * (mixed_ms - sum(static_ms) / len(static_ms))
 
